@@ -1,0 +1,1 @@
+"""qcbed flows and the ``qcbed`` command line."""

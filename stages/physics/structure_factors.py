@@ -1,0 +1,253 @@
+"""Structure factors of the independent-atom model (IAM), their symmetry, and the crystal potential.
+
+Phase convention (electron-diffraction physics, Spence & Zuo, *Electron Microdiffraction*, 1992):
+the potential is U(r) = Σ_g U_g exp(+2πi g·r), so
+
+    F_e(g) = Σ_j occ_j f_e,j(s) T_j(g) exp(-2πi g·r_j)           [Å, per cell]
+    V_g    = h^2 / (2π m0 e Ω) F_e = 47.87765 F_e / Ω             [V]
+    U_g    = 2 m e V_g / h^2 = γ F_e / (π Ω)                       [Å^-2]
+    F_x(g) = Σ_j occ_j Z_j T_j exp(-2πi g·r_j) - s^2 F_e / C_MB    [electrons] (Mott-Bethe)
+
+with s = |g|/2, T_j = exp(-h^T β_j h), C_MB = m0 e^2/(8π ε0 h^2) = 0.0239337 Å
+(../shared/research/anchors.md §3).  The crystallographic X-ray convention exp(+2πi h·x) is the
+complex conjugate; exports for X-ray programs conjugate explicitly.
+
+Symmetry: for an operation x' = R x + t of the space group, F(h R) = F(h) exp(+2πi h·t)
+(h a row vector).  Friedel: U_{-g} = U_g* for a real potential (and U'_{-g} = U'_g*).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import QcbedInputError
+from . import constants as K
+from .crystal import Crystal
+from .scattering import DEFAULT_TABLE, atomic_number, check_table, electron_scattering_factor, xray_scattering_factor
+
+_TWO_PI_I = 2j * np.pi
+
+
+def _as_hkl(hkl) -> np.ndarray:
+    h = np.atleast_2d(np.asarray(hkl))
+    if h.shape[-1] != 3:
+        raise QcbedInputError("hkl", f"reflections must be triples h k l, got shape {h.shape}")
+    hr = np.rint(h).astype(np.int64)
+    if not np.allclose(h, hr):
+        raise QcbedInputError("hkl", f"Miller indices must be integers, got {np.asarray(hkl).tolist()}")
+    return hr
+
+
+def _atom_terms(crystal: Crystal, hkl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per (reflection, atom): occ * T * exp(-2πi g·r), and the atom's element index."""
+    at = crystal.atoms
+    h = hkl.astype(float)
+    dw = np.exp(-np.einsum("ri,aij,rj->ra", h, at["beta"], h))
+    phase = np.exp(-_TWO_PI_I * (h @ at["fract"].T))
+    return at["occupancy"][None, :] * dw * phase, at["element"]
+
+
+def electron_structure_factor(crystal: Crystal, hkl, table: str = DEFAULT_TABLE) -> np.ndarray:
+    """F_e(g) [Å per cell], complex, for reflections hkl (n, 3)."""
+    table = check_table(table)
+    hkl = _as_hkl(hkl)
+    s = 0.5 * crystal.g_length(hkl)
+    terms, elements = _atom_terms(crystal, hkl)
+    out = np.zeros(len(hkl), complex)
+    for el in np.unique(elements):
+        sel = elements == el
+        out += electron_scattering_factor(str(el), s, table) * terms[:, sel].sum(1)
+    return out
+
+
+def xray_structure_factor_iam(crystal: Crystal, hkl) -> np.ndarray:
+    """IAM X-ray F [electrons per cell] from the IT92 X-ray table (physics phase convention)."""
+    hkl = _as_hkl(hkl)
+    s = 0.5 * crystal.g_length(hkl)
+    terms, elements = _atom_terms(crystal, hkl)
+    out = np.zeros(len(hkl), complex)
+    for el in np.unique(elements):
+        sel = elements == el
+        out += xray_scattering_factor(str(el), s) * terms[:, sel].sum(1)
+    return out
+
+
+def ug_from_fe(fe, crystal: Crystal, hv_kV: float):
+    """U_g [Å^-2] = γ F_e / (π Ω)."""
+    return K.gamma_factor(hv_kV) * np.asarray(fe) / (np.pi * crystal.volume_A3)
+
+
+def fe_from_ug(ug, crystal: Crystal, hv_kV: float):
+    return np.asarray(ug) * np.pi * crystal.volume_A3 / K.gamma_factor(hv_kV)
+
+
+def vg_from_fe(fe, crystal: Crystal):
+    """V_g [V] = h^2/(2π m0 e Ω) F_e."""
+    return K.VG_PER_FE * np.asarray(fe) / crystal.volume_A3
+
+
+def xray_from_ug(ug, crystal: Crystal, hkl, hv_kV: float) -> np.ndarray:
+    """X-ray F [electrons per cell] from electron U_g through Mott-Bethe (physics phase convention).
+
+    F_x = Σ_j occ_j Z_j T_j exp(-2πi g·r_j) - s^2 F_e / C_MB.  The nuclear term uses the IAM
+    positions and Debye-Waller factors; at g = 0 F_x = Σ occ Z (electrons per cell).
+    """
+    hkl = _as_hkl(hkl)
+    s2 = (0.5 * crystal.g_length(hkl)) ** 2
+    terms, elements = _atom_terms(crystal, hkl)
+    z = np.array([atomic_number(str(e)) for e in elements], float)
+    nuclear = terms @ z
+    fe = fe_from_ug(ug, crystal, hv_kV)
+    return nuclear - s2 * fe / K.MOTT_BETHE_A
+
+
+# ------------------------------------------------------------------------------- symmetry
+def symmetry_equivalents(crystal: Crystal, hkl) -> list[tuple[tuple[int, int, int], complex]]:
+    """Reflections equivalent to hkl by the space group, with phase factors.
+
+    Returns [(h', p)] such that U(h') = p U(hkl) for every potential with the crystal's symmetry
+    (p = exp(2πi h·t) for h' = h R).  Friedel mates that are not space-group equivalents are not
+    listed (they relate by complex conjugation, see :func:`related_reflections`).  Raises if the
+    reflection is systematically absent (two operations map it to itself with different phases).
+    """
+    h0 = _as_hkl(hkl)[0]
+    rot, tra = crystal.symops
+    hp = np.rint(np.einsum("i,nij->nj", h0.astype(float), rot)).astype(int)
+    ph = np.exp(_TWO_PI_I * (tra @ h0))
+    seen: dict[tuple, complex] = {}
+    for hh, p in zip(map(tuple, hp), ph):
+        if hh in seen:
+            if abs(seen[hh] - p) > 1e-9:
+                raise SystematicAbsence(tuple(int(x) for x in h0))
+        else:
+            seen[hh] = complex(p)
+    return [(tuple(int(x) for x in k), v) for k, v in seen.items()]
+
+
+class SystematicAbsence(QcbedInputError):
+    def __init__(self, hkl):
+        self.hkl = hkl
+        super().__init__(f"reflection {hkl[0]} {hkl[1]} {hkl[2]}",
+                         "is forbidden by the space group (systematic absence): its U_g is zero by symmetry",
+                         "remove it from the refined reflections")
+
+
+def is_systematically_absent(crystal: Crystal, hkl) -> bool:
+    try:
+        symmetry_equivalents(crystal, hkl)
+        return False
+    except SystematicAbsence:
+        return True
+
+
+def related_reflections(crystal: Crystal, hkl) -> list[tuple[tuple[int, int, int], complex, bool]]:
+    """All reflections whose U follows from U(hkl): [(h', p, conj)] with U(h') = p·U or p·conj(U).
+
+    Space-group equivalents (conj False) plus their Friedel mates -h' (conj True,
+    U(-h') = conj(p U(h))) when those are not already space-group equivalents.
+    """
+    eq = symmetry_equivalents(crystal, hkl)
+    out = [(h, p, False) for h, p in eq]
+    have = {h for h, _ in eq}
+    for h, p in eq:
+        m = (-h[0], -h[1], -h[2])
+        if m not in have:
+            out.append((m, complex(np.conj(p)), True))
+            have.add(m)
+    return out
+
+
+# ------------------------------------------------------------------------------- potential
+ABSORPTION_MODELS = ("none", "proportional")
+
+
+@dataclass
+class Potential:
+    """The crystal potential U_g + i U'_g [Å^-2] at one voltage, with refined overrides.
+
+    IAM values come from ``table``; absorption is ``absorption`` = 'none' or 'proportional'
+    (U'_g = absorption_fraction * U_g, phases included), and per-reflection U'_g given with
+    :meth:`set`.  :meth:`set` on one reflection sets all its symmetry equivalents and Friedel
+    mates with the correct phases, so the potential keeps the crystal's symmetry.
+    """
+
+    crystal: Crystal
+    hv_kV: float
+    table: str = DEFAULT_TABLE
+    absorption: str = "none"
+    absorption_fraction: float = 0.0
+    _u: dict = field(default_factory=dict, repr=False)
+    _up: dict = field(default_factory=dict, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.table = check_table(self.table)
+        K.gamma_factor(self.hv_kV)  # validates
+        if self.absorption not in ABSORPTION_MODELS:
+            raise QcbedInputError("absorption", f"unknown model {self.absorption!r}",
+                                  f"choose one of {', '.join(ABSORPTION_MODELS)}, or give U' per reflection")
+        if not np.isfinite(self.absorption_fraction) or self.absorption_fraction < 0:
+            raise QcbedInputError("absorption_fraction", f"must be >= 0, got {self.absorption_fraction}",
+                                  "typical values are 0.02-0.1")
+        if self.absorption == "none":
+            self.absorption_fraction = 0.0
+
+    @property
+    def overrides(self) -> dict:
+        return {"U": dict(self._u), "Uprime": dict(self._up)}
+
+    def iam(self, hkl) -> np.ndarray:
+        """IAM U_g [Å^-2] (complex) for hkl (n, 3)."""
+        hkl = _as_hkl(hkl)
+        return ug_from_fe(electron_structure_factor(self.crystal, hkl, self.table), self.crystal, self.hv_kV)
+
+    def set(self, hkl, U=None, Uprime=None) -> list[tuple[int, int, int]]:
+        """Set U and/or U' of reflection hkl (complex or real) and of all reflections related by symmetry.
+
+        Returns the list of reflections set.
+        """
+        rel = related_reflections(self.crystal, hkl)
+        for val, store, name in ((U, self._u, "U"), (Uprime, self._up, "U'")):
+            if val is None:
+                continue
+            val = complex(val)
+            if not np.isfinite(val):
+                raise QcbedInputError(f"{name} of {tuple(_as_hkl(hkl)[0])}", f"must be finite, got {val}")
+            for h, p, conj in rel:
+                v = p * val
+                store[h] = np.conj(v) if conj else v
+        self._cache.clear()
+        return [h for h, _, _ in rel]
+
+    def get(self, hkl) -> tuple[np.ndarray, np.ndarray]:
+        """U_g and U'_g [Å^-2] (complex arrays) for hkl (n, 3), overrides applied."""
+        hkl = _as_hkl(hkl)
+        key = hkl.tobytes()
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        u = self.iam(hkl)
+        up = self.absorption_fraction * u
+        if self._u or self._up:
+            for i, h in enumerate(map(tuple, hkl.tolist())):
+                if h in self._u:
+                    u[i] = self._u[h]
+                    if self.absorption == "proportional" and h not in self._up:
+                        up[i] = self.absorption_fraction * u[i]
+                if h in self._up:
+                    up[i] = self._up[h]
+        if len(self._cache) > 64:
+            self._cache.clear()
+        self._cache[key] = (u, up)
+        return u, up
+
+    def mean_inner_potential_V(self) -> float:
+        fe0 = electron_structure_factor(self.crystal, [[0, 0, 0]], self.table)[0].real
+        return float(vg_from_fe(fe0, self.crystal))
+
+    def u0(self) -> tuple[float, float]:
+        """U_0 and U'_0 [Å^-2] (mean potential and mean absorption)."""
+        u, up = self.get([[0, 0, 0]])
+        return float(u[0].real), float(up[0].real)

@@ -1,0 +1,49 @@
+"""Zarr stage stores written atomically: a temporary name in the same folder, then a rename.
+
+A store that exists under its final name is therefore always complete; an interrupted write
+leaves only a hidden ``.<name>.tmp-*`` folder, removed by the next write
+(../shared/research/stack.md §2).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import xarray as xr
+
+from .errors import QcbedInputError
+
+
+def write_store(ds: xr.Dataset, store: str | Path) -> Path:
+    """Write ``ds`` to ``store`` (a .zarr folder) under a temporary name, then rename into place."""
+    store = Path(store)
+    parent = store.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise QcbedInputError(str(parent), f"cannot create output folder: {exc.strerror}") from None
+    if store.exists() and not (store / "zarr.json").exists() and any(store.iterdir()):
+        raise QcbedInputError(str(store), "exists and is not a zarr store; refusing to replace it",
+                              "choose another output path")
+    for junk in parent.glob(f".{store.name}.tmp-*"):
+        shutil.rmtree(junk, ignore_errors=True)
+    tmp = parent / f".{store.name}.tmp-{uuid.uuid4().hex[:8]}"
+    ds.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False)
+    if store.exists():
+        old = parent / f".{store.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(store, old)
+        os.rename(tmp, store)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, store)
+    return store
+
+
+def open_store(store: str | Path) -> xr.Dataset:
+    store = Path(store)
+    if not (store / "zarr.json").exists():
+        raise QcbedInputError(str(store), "no zarr store here", "run the stage that writes it first")
+    return xr.open_zarr(store, consolidated=False).load()
