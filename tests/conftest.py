@@ -17,3 +17,4 @@ def si():
     from stages.physics.crystal_io import load_crystal
 
     return load_crystal(DATA / "si.toml")
+

@@ -29,7 +29,9 @@ only to bound memory):
 * ``hermitian``: split M = H + i A with H, A Hermitian; eigen-solve H (LAPACK heevd),
   absorption to first order in perturbation, in the eigenvalues (γ_j = γ_j^0 + i (B^H A B)_jj)
   and in the eigenvectors (see :func:`_eig_hermitian`).
-  Valid while absorption is weak (|U'| << |U|); error measured in tests/test_bloch.py.
+  Valid while absorption is weak: measured against ``general`` for Si [110] at 200 kV,
+  t <= 2000 Å, beams with I > 1%: relative error <= 0.05% for U'/U = 0.005, <= 0.3% for 0.01,
+  ~1% for 0.02 (tests/test_bloch.py::test_hermitian_path_accuracy).
 
 One eigen-solution serves every thickness: :meth:`BlochSolution.intensities` takes any list of
 thicknesses without re-solving.

@@ -142,6 +142,19 @@ def is_systematically_absent(crystal: Crystal, hkl) -> bool:
         return True
 
 
+def centric_phase(crystal: Crystal, hkl) -> float | None:
+    """Allowed phase φ0 [rad] of a centric reflection (U = ±|U| e^{iφ0}), or None if acentric.
+
+    A reflection is centric when -h is a space-group equivalent of h, U(-h) = p U(h); with
+    Friedel's U(-h) = U(h)* this fixes U(h) up to sign: φ0 = -arg(p)/2.
+    """
+    h0 = tuple(int(x) for x in _as_hkl(hkl)[0])
+    for h, p in symmetry_equivalents(crystal, h0):
+        if h == (-h0[0], -h0[1], -h0[2]):
+            return float(-np.angle(p) / 2)
+    return None
+
+
 def related_reflections(crystal: Crystal, hkl) -> list[tuple[tuple[int, int, int], complex, bool]]:
     """All reflections whose U follows from U(hkl): [(h', p, conj)] with U(h') = p·U or p·conj(U).
 
@@ -209,12 +222,18 @@ class Potential:
         Returns the list of reflections set.
         """
         rel = related_reflections(self.crystal, hkl)
+        phi0 = centric_phase(self.crystal, hkl)
+        h0 = " ".join(str(int(x)) for x in _as_hkl(hkl)[0])
         for val, store, name in ((U, self._u, "U"), (Uprime, self._up, "U'")):
             if val is None:
                 continue
             val = complex(val)
             if not np.isfinite(val):
-                raise QcbedInputError(f"{name} of {tuple(_as_hkl(hkl)[0])}", f"must be finite, got {val}")
+                raise QcbedInputError(f"{name} of {h0}", f"must be finite, got {val}")
+            if phi0 is not None and abs((val * np.exp(-1j * phi0)).imag) > 1e-9 * max(abs(val), 1e-300):
+                raise QcbedInputError(f"{name} of {h0}", f"the reflection is centric: its phase must be "
+                                      f"{np.degrees(phi0):.1f} or {np.degrees(phi0) + 180:.1f} degrees, got "
+                                      f"{np.degrees(np.angle(val)):.2f}", "give a real value times that phase")
             for h, p, conj in rel:
                 v = p * val
                 store[h] = np.conj(v) if conj else v
