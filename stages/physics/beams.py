@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import QcbedInputError
 from .crystal import Crystal
 from .geometry import Geometry
-from .structure_factors import Potential
+from .structure_factors import Potential, unique_hkl
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,7 @@ def _coupling_strength(potential: Potential, cand, strong, s_min, K):
     sh = cand[strong]
     diff = cand[:, None, :] - sh[None, :, :]
     flat = diff.reshape(-1, 3)
-    uniq, inv = np.unique(flat, axis=0, return_inverse=True)
+    uniq, inv = unique_hkl(flat)
     u, up = potential.get(uniq)
     mag = np.abs(u + 1j * up)[inv.ravel()].reshape(len(cand), len(sh))
     with np.errstate(divide="ignore"):

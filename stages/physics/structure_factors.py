@@ -103,6 +103,21 @@ def xray_from_ug(ug, crystal: Crystal, hkl, hv_kV: float) -> np.ndarray:
     return nuclear - s2 * fe / K.MOTT_BETHE_A
 
 
+def unique_hkl(hkl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique(hkl, axis=0, return_inverse=True) for integer triples, through 1-D integer keys (~10x faster)."""
+    h = np.asarray(hkl, np.int64).reshape(-1, 3)
+    if len(h) == 0:
+        return h, np.zeros(0, np.int64)
+    lo = h.min(axis=0)
+    span = h.max(axis=0) - lo + 1
+    key = ((h[:, 0] - lo[0]) * span[1] + (h[:, 1] - lo[1])) * span[2] + (h[:, 2] - lo[2])
+    ukey, inv = np.unique(key, return_inverse=True)
+    c = ukey % span[2]
+    b = (ukey // span[2]) % span[1]
+    a = ukey // (span[1] * span[2])
+    return np.stack([a + lo[0], b + lo[1], c + lo[2]], axis=1), inv.ravel()
+
+
 # ------------------------------------------------------------------------------- symmetry
 def symmetry_equivalents(crystal: Crystal, hkl) -> list[tuple[tuple[int, int, int], complex]]:
     """Reflections equivalent to hkl by the space group, with phase factors.
