@@ -35,19 +35,54 @@ def _hkl_list(tokens: list[str]) -> list[tuple[int, int, int]]:
 
 
 def _absorption(spec: str | None):
+    """'none' | fraction F (U'_g = F U_g) | a TOML file of per-reflection U'_g.
+
+    Returns (model, fraction, {hkl: U'}).  The TOML file holds an optional ``fraction`` (for every
+    reflection not listed) and ``[[reflection]]`` tables with ``hkl = [h, k, l]`` and
+    ``Uprime`` [Å^-2] (a number, or [re, im] for a complex value); each listed value is applied to all
+    symmetry equivalents.
+    """
+    import tomllib
+
     from stages.errors import QcbedInputError
 
     if spec is None or spec.lower() == "none":
-        return "none", 0.0
+        return "none", 0.0, {}
+    if spec.lower().endswith(".toml"):
+        path = Path(spec)
+        if not path.exists():
+            raise QcbedInputError("--absorption", f"file {spec} not found", "give an existing .toml file or a fraction")
+        try:
+            d = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise QcbedInputError(str(path), f"malformed TOML: {exc}") from None
+        unknown = set(d) - {"fraction", "reflection"}
+        if unknown:
+            raise QcbedInputError(f"{path.name}: {sorted(unknown)[0]}", "unknown key", "allowed: fraction, reflection")
+        model, frac, _ = _absorption(str(d.get("fraction", 0.0)))
+        ups = {}
+        for i, r in enumerate(d.get("reflection", [])):
+            f = f"{path.name}: reflection[{i}]"
+            if not isinstance(r, dict) or "hkl" not in r or "Uprime" not in r:
+                raise QcbedInputError(f, "needs hkl = [h, k, l] and Uprime = value in 1/Å^2")
+            h = _hkl_list([",".join(str(x) for x in r["hkl"])])[0] if isinstance(r["hkl"], list) else None
+            if h is None:
+                raise QcbedInputError(f + ".hkl", "must be a list of three integers")
+            v = r["Uprime"]
+            try:
+                ups[h] = complex(v[0], v[1]) if isinstance(v, list) else float(v)
+            except (TypeError, ValueError, IndexError):
+                raise QcbedInputError(f + ".Uprime", f"must be a number or [re, im], got {v!r}") from None
+        return model, frac, ups
     s = spec.lower().removeprefix("proportional:").removeprefix("proportional=")
     try:
         f = float(s)
     except ValueError:
         raise QcbedInputError("--absorption", f"cannot read {spec!r}",
-                              "use 'none' or a fraction such as 0.05 (U'_g = 0.05 U_g)") from None
+                              "use 'none', a fraction such as 0.05 (U'_g = 0.05 U_g), or a .toml file of U'_g") from None
     if not (0 <= f < 1):
         raise QcbedInputError("--absorption", f"fraction must lie in [0, 1), got {f}", "typical values 0.02-0.1")
-    return ("proportional" if f > 0 else "none"), f
+    return ("proportional" if f > 0 else "none"), f, {}
 
 
 def build_model(args):
@@ -71,7 +106,7 @@ def build_model(args):
     normal = args.normal if args.normal is not None else dat.get("norm")
     x_axis = args.x_axis if args.x_axis is not None else dat.get("xaxis")
     kt = args.kt if args.kt is not None else dat.get("kt", [0.0, 0.0, 0.0])
-    absorption, frac = _absorption(args.absorption)
+    absorption, frac, up_given = _absorption(args.absorption)
     sel = DEFAULT_SELECTION
     changes = {k: v for k, v in (("g_max", args.gmax), ("sg_strong", args.sg_strong), ("sg_max", args.sg_max)) if v is not None}
     if args.no_bethe:
@@ -87,6 +122,7 @@ def build_model(args):
         up[h] = row["Uprime"] * np.exp(1j * np.radians(row["phase_prime_deg"]))
     if dat.get("abs"):
         up[(0, 0, 0)] = float(dat["abs"]) * float(ug_per_vg(hv))
+    up.update(up_given)
     model = ForwardModel(crystal, float(hv), tuple(zone), x_axis=None if x_axis is None else tuple(x_axis),
                          normal=None if normal is None else tuple(normal), table=args.table,
                          absorption=absorption, absorption_fraction=frac, u=u, uprime=up,
@@ -202,7 +238,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="thicknesses in Å: START:STOP:STEP (stop included), or a list 500,1000")
     s.add_argument("--beams", nargs="+", metavar="H,K,L", help="output reflections (default: every strong beam)")
     s.add_argument("--absorption", metavar="MODEL",
-                   help="'none' (default) or a fraction f for proportional absorption U'_g = f U_g")
+                   help="'none' (default); a fraction F for proportional absorption U'_g = F U_g; or a .toml "
+                        "file giving U'_g per reflection ([[reflection]] hkl = [1,1,1], Uprime = 8e-4; "
+                        "optional fraction = F for the others)")
     s.add_argument("--table", default="peng", choices=["peng", "kirkland"],
                    help="electron scattering factors: peng (ITC 4.3.2.2, default) or kirkland (2010)")
     s.add_argument("--solver", default="general", choices=["general", "hermitian"],

@@ -84,3 +84,21 @@ def test_demo_writes_results(tmp_path):
     rec = json.loads((tmp_path / "demo" / "simulate.json").read_text())
     assert rec["absorption"] == "proportional" and len(rec["thickness_A"]) == 15
     assert (tmp_path / "demo" / "simulate.zarr" / "zarr.json").exists()
+
+
+def test_absorption_per_reflection_file(tmp_path):
+    ab = tmp_path / "abs.toml"
+    ab.write_text("fraction = 0.02\n[[reflection]]\nhkl = [1, 1, 1]\nUprime = -8.0e-4\n")
+    js = tmp_path / "o.json"
+    assert main(["simulate", str(DATA / "si.toml"), "--hv", "200", "--zone", "1", "1", "0", "--thickness", "0:3000:1000",
+                 "--absorption", str(ab), "-q", "--json", str(js)]) == 0
+    total = np.array(json.loads(js.read_text())["intensity"]).sum(1)
+    assert total[0] == pytest.approx(1.0) and np.all(np.diff(total) < 0)
+    from flows.cli import _absorption
+
+    model, frac, ups = _absorption(str(ab))
+    assert model == "proportional" and frac == 0.02 and ups == {(1, 1, 1): -8.0e-4}
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[reflection]]\nhkl = [1, 1, 1]\n")
+    assert main(["simulate", str(DATA / "si.toml"), "--hv", "200", "--zone", "1", "1", "0", "--thickness", "100",
+                 "--absorption", str(bad)]) == 2
