@@ -44,6 +44,7 @@ class ForwardModel:
     selection: Selection = DEFAULT_SELECTION
     method: str = "general"
     include_u0: bool = True
+    tile_invA: float = 0.05  # side of the tilt tiles that share one beam set [Å^-1]
 
     def __post_init__(self):
         self.potential = Potential(self.crystal, self.hv_kV, self.table, self.absorption, self.absorption_fraction)
@@ -54,8 +55,9 @@ class ForwardModel:
         u0 = self.potential.u0()[0] if self.include_u0 else 0.0
         self.geometry = Geometry(self.crystal, self.hv_kV, self.zone, self.x_axis, self.normal, u0)
 
-    def beams(self, kt, out_hkl=None, pool=None) -> BeamSet:
-        return select_beams(self.geometry, self.potential, kt, self.selection, required=out_hkl, pool=pool)
+    def beams(self, kt, out_hkl=None, pool=None, radius_invA: float = 0.0) -> BeamSet:
+        return select_beams(self.geometry, self.potential, kt, self.selection, required=out_hkl, pool=pool,
+                            radius_invA=radius_invA)
 
     def solve(self, kt, out_hkl=None, beams: BeamSet | None = None) -> BlochSolution:
         kt = np.atleast_2d(np.asarray(kt, float))
@@ -63,6 +65,34 @@ class ForwardModel:
             beams = self.beams(kt, out_hkl)
         return solve(self.geometry, self.potential, beams, kt, out_hkl, self.method,
                      coupling_matrices(self.potential, beams))
+
+    def solve_tiled(self, kt, out_hkl, tile_invA: float | None = None) -> TiledSolution:
+        """Solve many tilts in square tiles of side ``tile_invA`` [Å^-1] in the zone plane.
+
+        Each tile has its own beam set, selected for every tilt within the circle circumscribing the
+        tile (radius tile/√2 about its centre), not for the tilts that happen to fall in it: the result
+        for a tilt never depends on which other tilts are solved with it, and a wide tilt range
+        (LARBED) does not make every beam strong everywhere.  Tile centres lie on a grid through
+        kt = 0, so an exact zone axis is a tile centre and keeps its symmetry.  ``out_hkl`` are the
+        output beams of every tile.
+        """
+        tile = self.tile_invA if tile_invA is None else float(tile_invA)
+        kt = np.atleast_2d(np.asarray(kt, float))
+        out = np.atleast_2d(np.asarray(out_hkl, int))
+        geo = self.geometry
+        cart = geo.kt_cart(kt)
+        xy = np.stack([cart @ geo.e_x, cart @ geo.e_y], 1)
+        cell = np.floor(xy / tile + 0.5).astype(np.int64)
+        cells, tile_id = np.unique(cell, axis=0, return_inverse=True)
+        tile_id = tile_id.ravel()
+        parts = []
+        for t, (cx, cy) in enumerate(cells):
+            idx = np.nonzero(tile_id == t)[0]
+            centre = geo.kt_from_xy(cx * tile, cy * tile)[None, :]
+            beams = self.beams(centre, out, radius_invA=tile / np.sqrt(2))
+            parts.append((idx, solve(geo, self.potential, beams, kt[idx], out, self.method,
+                                     coupling_matrices(self.potential, beams))))
+        return TiledSolution(n_tilts=len(kt), out_hkl=out, parts=parts)
 
     def attrs(self) -> dict:
         return {
@@ -81,6 +111,26 @@ class ForwardModel:
             "crystal": json.dumps(self.crystal.summary()),
             "qcbed_version": __version__,
         }
+
+
+@dataclass
+class TiledSolution:
+    """Eigen-solutions of tilt tiles; intensities for all tilts at any thickness without re-solving."""
+
+    n_tilts: int
+    out_hkl: np.ndarray
+    parts: list  # [(tilt indices, BlochSolution)]
+
+    def intensities(self, thickness_A) -> np.ndarray:
+        t = check_thickness(thickness_A)
+        out = np.empty((self.n_tilts, len(t), len(self.out_hkl)))
+        for idx, sol in self.parts:
+            out[idx] = sol.intensities(t)
+        return out
+
+    @property
+    def n_beams(self) -> list[int]:
+        return [sol.beams.n_strong for _, sol in self.parts]
 
 
 def parse_thickness(spec) -> np.ndarray:
@@ -116,8 +166,16 @@ def simulate(model: ForwardModel, thickness_A, kt=(0.0, 0.0, 0.0), out_hkl=None,
     kt_arr = np.asarray(kt, float)
     single = kt_arr.ndim == 1
     kt2 = np.atleast_2d(kt_arr)
-    beams = model.beams(kt2, out_hkl, pool)
-    sol = model.solve(kt2, out_hkl, beams)
+    out = None if out_hkl is None else np.atleast_2d(np.asarray(out_hkl, int))
+    if out is None or pool is not None:
+        # output = every strong beam (or an explicit PyExtal pool): one beam set for all tilts
+        beams = model.beams(kt2, out, pool)
+        sol = model.solve(kt2, out, beams)
+        n_strong, n_weak = beams.n_strong, len(beams.weak)
+    else:
+        sol = model.solve_tiled(kt2, out)
+        n_strong = max(p.beams.n_strong for _, p in sol.parts)
+        n_weak = max(len(p.beams.weak) for _, p in sol.parts)
     inten = sol.intensities(thickness)  # (nt, nz, nb)
     out = sol.out_hkl
     coords = {
@@ -134,8 +192,7 @@ def simulate(model: ForwardModel, thickness_A, kt=(0.0, 0.0, 0.0), out_hkl=None,
         kt_attr = None
     ds = xr.Dataset(data, coords=coords)
     ds.attrs.update(model.attrs())
-    ds.attrs.update({"n_beams_matrix": int(beams.n_strong), "n_beams_bethe": int(len(beams.weak)),
-                     "timing_s": float(sol.timing["total_s"])})
+    ds.attrs.update({"n_beams_matrix": int(n_strong), "n_beams_bethe": int(n_weak)})
     if kt_attr is not None:
         ds.attrs["kt"] = kt_attr
     return ds

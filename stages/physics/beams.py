@@ -123,8 +123,13 @@ class BeamSet:
 
 
 def select_beams(geometry: Geometry, potential: Potential, kt_hkl, selection: Selection = DEFAULT_SELECTION,
-                 required=None, pool=None) -> BeamSet:
+                 required=None, pool=None, radius_invA: float = 0.0) -> BeamSet:
     """Choose strong and weak (Bethe) beams for a set of incident tilts kt (nt, 3).
+
+    ``radius_invA``: select for every tilt within this distance of the given tilts (a tile of the
+    tilt plane): min |s_g| over the disk is |s_g(kt)| - |∇s_g| R (s_g is linear in the tangential
+    tilt for zero-layer beams), so the beam set does not depend on which tilts are in the tile and
+    is as symmetric as the disk.
 
     ``required``: reflections always kept as strong beams (000 is always first).
     ``pool``: an explicit candidate list (e.g. a PyExtal ``hkl`` list) instead of the lattice search.
@@ -152,7 +157,16 @@ def select_beams(geometry: Geometry, potential: Potential, kt_hkl, selection: Se
         cand = np.vstack([np.array(extra, int).reshape(-1, 3), cand])
     cand = np.unique(cand, axis=0)
     g_cart = cr.recip_to_cart(cand)
-    s_min = np.abs(geometry.excitation_errors(Kvec, g_cart)).min(axis=0)
+    s_abs = np.abs(geometry.excitation_errors(Kvec, g_cart))
+    if radius_invA > 0:
+        # |grad_kt s_g| = |g_t - (g.e_z) kt/k_z| / K  (tangential tilt derivative)
+        kz = -(Kvec @ geometry.e_z)
+        gz = g_cart @ geometry.e_z
+        g_t = g_cart - np.multiply.outer(gz, geometry.e_z)
+        kt_c = Kvec + np.multiply.outer(kz, geometry.e_z)
+        grad = g_t[None, :, :] - (gz[None, :, None] * kt_c[:, None, :]) / kz[:, None, None]
+        s_abs = np.maximum(s_abs - np.linalg.norm(grad, axis=2) * radius_invA / K, 0.0)
+    s_min = s_abs.min(axis=0)
     is_req = np.array([tuple(h) in set(req) for h in cand.tolist()])
     in_pool = (s_min <= selection.sg_max) | is_req
     cand, s_min, is_req = cand[in_pool], s_min[in_pool], is_req[in_pool]

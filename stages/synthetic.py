@@ -1,0 +1,182 @@
+"""Synthetic CBED and LARBED patterns with a known truth, from the forward model.
+
+Every refinement acceptance test needs data whose answer is known.  :func:`make_cbed` and
+:func:`make_larbed` compute, for every pixel, its incident tilt through the detector geometry
+(pattern_geometry.py) and the Bloch-wave intensity of its reflection at the true thickness
+(tiles of tilts with their own beam sets), then apply, in this order:
+
+1. the point spread: LARBED, a 2-D Voigt kernel in tilt-grid pixels, convolved over a grid padded
+   by the kernel radius (exact at the edges, never wrapped); CBED, a Gaussian detector PSF (whose
+   Fourier transform is the MTF) applied to the whole image with zero padding;
+2. scale (counts per unit intensity) and background (one value, or one per disk);
+3. noise: none, Poisson, or the detector model (Gaussian with σ² = m g (A I + δ I² + σ_B²));
+4. saturation (clipping).
+
+The truth (structure factors, thickness, geometry, PSF, background, noise, seed) is returned as a
+JSON-serialisable dict and written beside the pattern by :func:`write_example`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import QcbedInputError
+from .physics.pattern_geometry import PatternGeometry
+from .physics.sampling import convolve_valid, voigt_kernel
+from .simulate import ForwardModel
+
+
+@dataclass
+class Effects:
+    """What happens between the ideal intensities and the recorded counts."""
+
+    scale: float = 1.0e4  # counts per unit of intensity (fraction of the incident current)
+    background: float | list[float] = 0.0  # counts; one value or one per disk
+    psf_sigma_px: float = 0.0  # Gaussian (CBED detector PSF) or Voigt sigma (LARBED), px
+    psf_gamma_px: float = 0.0  # Voigt gamma (LARBED), px
+    noise: str = "none"  # none | poisson | detector
+    detector: dict | None = None  # gain, mixing, A, delta, background_variance (noise = detector)
+    saturation: float | None = None
+    seed: int = 0
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("scale", "background", "psf_sigma_px", "psf_gamma_px", "noise",
+                                              "detector", "saturation", "seed")}
+
+
+def _background_per_disk(bg, nd):
+    b = np.atleast_1d(np.asarray(bg, float))
+    if b.size == 1:
+        return np.full(nd, float(b[0]))
+    if b.size != nd:
+        raise QcbedInputError("effects.background", f"needs one value or one per disk ({nd}), got {b.size}")
+    return b
+
+
+def _apply_noise(counts: np.ndarray, eff: Effects, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy counts and their true variance."""
+    if eff.noise == "none":
+        return counts, np.zeros_like(counts)
+    if eff.noise == "poisson":
+        lam = np.clip(counts, 0, None)
+        return rng.poisson(lam).astype(float), lam
+    if eff.noise == "detector":
+        from .physics.noise import DetectorModel
+
+        det = DetectorModel(**(eff.detector or {}))
+        var = det.variance(counts)
+        return counts + rng.normal(size=counts.shape) * np.sqrt(var), var
+    raise QcbedInputError("effects.noise", f"unknown noise model {eff.noise!r}", "use none, poisson or detector")
+
+
+def _truth(model: ForwardModel, pg: PatternGeometry, thickness_A, disks, eff: Effects) -> dict:
+    u = {" ".join(map(str, h)): [complex(v).real, complex(v).imag] for h, v in model.u.items()}
+    up = {" ".join(map(str, h)): [complex(v).real, complex(v).imag] for h, v in model.uprime.items()}
+    return {
+        "thickness_A": float(thickness_A), "disks": np.asarray(disks, int).tolist(),
+        "U": u, "Uprime": up, "absorption": model.absorption, "absorption_fraction": model.absorption_fraction,
+        "scattering_table": model.table, "hv_kV": model.hv_kV, "zone": list(model.geometry.zone),
+        "x_axis": list(model.geometry.x_axis), "normal": list(model.geometry.normal),
+        "geometry": pg.as_dict(), "effects": eff.as_dict(),
+    }
+
+
+def make_larbed(model: ForwardModel, pg: PatternGeometry, shape, disks, thickness_A: float, eff: Effects = Effects(),
+                tile_invA: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """LARBED stack (nd, H, W): returns (counts, ideal intensity, true variance, truth)."""
+    disks = np.atleast_2d(np.asarray(disks, int))
+    H, W = (int(x) for x in shape)
+    R = 0
+    kernel = None
+    if eff.psf_sigma_px > 0 or eff.psf_gamma_px > 0:
+        kernel = voigt_kernel(eff.psf_sigma_px, eff.psf_gamma_px)
+        R = kernel.shape[0] // 2
+    r, c = np.meshgrid(np.arange(-R, H + R), np.arange(-R, W + R), indexing="ij")
+    rc = np.stack([r.ravel(), c.ravel()], 1).astype(float)
+    same_tilts = not pg.disk_shift_px
+    if same_tilts:
+        kt = pg.pixel_to_tilt(rc)
+        sol = model.solve_tiled(kt, disks, tile_invA)
+        full = sol.intensities([thickness_A])[:, 0, :].T  # (nd, npix)
+    else:
+        full = np.empty((len(disks), len(rc)))
+        for d, h in enumerate(disks):
+            kt = pg.pixel_to_tilt(rc, h)
+            full[d] = model.solve_tiled(kt, [h], tile_invA).intensities([thickness_A])[:, 0, 0]
+    full = full.reshape(len(disks), H + 2 * R, W + 2 * R)
+    ideal = full[:, R:R + H, R:R + W].copy()
+    blurred = convolve_valid(full, kernel) if kernel is not None else ideal
+    bg = _background_per_disk(eff.background, len(disks))
+    counts = eff.scale * blurred + bg[:, None, None]
+    rng = np.random.default_rng(eff.seed)
+    noisy, var = _apply_noise(counts, eff, rng)
+    if eff.saturation is not None:
+        noisy = np.minimum(noisy, eff.saturation)
+    return noisy, ideal, var, _truth(model, pg, thickness_A, disks, eff)
+
+
+def make_cbed(model: ForwardModel, pg: PatternGeometry, shape, disks, thickness_A: float, disk_radius_px: float,
+              eff: Effects = Effects(), tile_invA: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """CBED image (H, W) with the given disks of radius ``disk_radius_px`` (display px): returns
+    (counts, ideal intensity, true variance, truth).  Pixels outside every disk have zero intensity."""
+    disks = np.atleast_2d(np.asarray(disks, int))
+    H, W = (int(x) for x in shape)
+    r, c = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
+    rc = np.stack([r.ravel(), c.ravel()], 1).astype(float)
+    ideal = np.zeros(H * W)
+    owner = np.full(H * W, -1)
+    kts, pix, which = [], [], []
+    for d, h in enumerate(disks):
+        xy = pg.pixel_to_display(rc, h)
+        inside = np.hypot(xy[:, 0], xy[:, 1]) <= disk_radius_px
+        if np.any(owner[inside] >= 0):
+            raise QcbedInputError("disk_radius_px", f"disks overlap (radius {disk_radius_px} px at gl {pg.gl_px} px)",
+                                  "use a smaller disk radius")
+        owner[inside] = d
+        kts.append(pg.display_to_tilt(xy[inside]))
+        pix.append(np.nonzero(inside)[0])
+        which.append(np.full(inside.sum(), d))
+    kt = np.concatenate(kts)
+    pix = np.concatenate(pix)
+    which = np.concatenate(which)
+    if len(kt):
+        inten = model.solve_tiled(kt, disks, tile_invA).intensities([thickness_A])[:, 0, :]
+        ideal[pix] = inten[np.arange(len(kt)), which]
+    ideal = ideal.reshape(H, W)
+    blurred = ideal
+    if eff.psf_sigma_px > 0:
+        from scipy.signal import fftconvolve
+
+        R = int(np.ceil(5 * eff.psf_sigma_px))
+        ax = np.arange(-R, R + 1)
+        g = np.exp(-(ax[:, None] ** 2 + ax[None, :] ** 2) / (2 * eff.psf_sigma_px**2))
+        blurred = fftconvolve(ideal, g / g.sum(), mode="same")
+    bg = _background_per_disk(eff.background, len(disks))
+    owner = owner.reshape(H, W)
+    bgmap = np.where(owner >= 0, bg[np.clip(owner, 0, None)], float(bg.mean()))
+    counts = eff.scale * blurred + bgmap
+    rng = np.random.default_rng(eff.seed)
+    noisy, var = _apply_noise(counts, eff, rng)
+    if eff.saturation is not None:
+        noisy = np.minimum(noisy, eff.saturation)
+    truth = _truth(model, pg, thickness_A, disks, eff)
+    truth["disk_radius_px"] = float(disk_radius_px)
+    return noisy, ideal, var, truth
+
+
+def write_example(folder: str | Path, name: str, counts: np.ndarray, truth: dict, variance: np.ndarray | None = None,
+                  dtype: str = "float32") -> dict:
+    """Write ``<name>.npy`` (and ``<name>_variance.npy``) and ``<name>_truth.json`` into folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"pattern": f"{name}.npy", "truth": f"{name}_truth.json"}
+    np.save(folder / files["pattern"], counts.astype(dtype))
+    if variance is not None:
+        files["variance"] = f"{name}_variance.npy"
+        np.save(folder / files["variance"], variance.astype(dtype))
+    (folder / files["truth"]).write_text(json.dumps(truth, indent=1) + "\n")
+    return files
