@@ -204,6 +204,48 @@ def _print_table(ds) -> None:
     print("  sum        |" + "".join(f"{total[c]:10.5f}" for c in cols))
 
 
+def run_name(config_path: Path) -> str:
+    """results/<run>: the config's stem, or its folder's name for a file called config.toml."""
+    p = Path(config_path)
+    return p.parent.resolve().name if p.stem == "config" else p.stem
+
+
+def cmd_prepare(args) -> int:
+    """Load the pattern and sample the ROI of a run config; write pattern.zarr and roi.zarr."""
+    import numpy as np
+
+    from stages import config as C
+    from stages.load import load_pattern
+    from stages.roi import build_roi, regions_from_config
+    from stages.store import write_store
+
+    cfg = C.load_config(args.config)
+    model = C.forward_model(cfg)
+    if "pattern" not in cfg.data:
+        from stages.errors import QcbedInputError
+
+        raise QcbedInputError(f"{cfg.path.name}: [pattern]", "missing section", "see data/si_cbed/config.toml")
+    pattern = load_pattern(cfg.section("pattern"), cfg.base_dir)
+    pg = C.pattern_geometry(cfg, model)
+    regions, padding = regions_from_config(cfg.section("roi"))
+    disks = C.roi_disks(cfg, pattern)
+    roi = build_roi(pattern, pg, regions, disks, padding, cfg.section("roi").get("disk_mask"))
+    out = Path(args.results) / run_name(cfg.path)
+    write_store(pattern, out / "pattern.zarr")
+    write_store(roi, out / "roi.zarr")
+    shape = "x".join(str(n) for n in pattern.intensity.shape)
+    print(f"pattern: {pattern.attrs['kind']} {shape} (source dtype {pattern.attrs.get('dtype', '?')}), "
+          f"{int((~pattern.valid.values).sum())} unusable pixels")
+    print(f"calibration: {pattern.attrs.get('calibration', '{}')}")
+    kt = roi.kt.values
+    print(f"roi: {len(regions)} region(s), {roi.sizes['point']} points ({int(roi.inner.sum())} compared, padding {padding}), "
+          f"{roi.sizes['disk']} disks; {roi.attrs['n_points_valid']} valid samples, {roi.attrs['n_points_excluded']} excluded")
+    print(f"tilts: kt from {np.round(kt.min(0), 4).tolist()} to {np.round(kt.max(0), 4).tolist()} (hkl units), "
+          f"{pg.pixel_size_invA:.5f} 1/Å per pixel")
+    print(f"wrote {out / 'pattern.zarr'} and {out / 'roi.zarr'}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Run the shipped example: Si [110] zone axis at 200 kV, thickness series, into results/demo/."""
     out = Path(args.results) / "demo"
@@ -254,6 +296,13 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--zarr", metavar="DIR", help="write the result as an xarray Dataset in a zarr store")
     s.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     s.set_defaults(func=cmd_simulate)
+
+    pr = sub.add_parser("prepare", help="load a pattern and sample its regions of interest (run config)",
+                        description="Validate a run config, load its pattern and sample the ROI at the configured "
+                                    "geometry; write RESULTS/<run>/pattern.zarr and roi.zarr and print a summary.")
+    pr.add_argument("config", help="run config (.toml), e.g. data/si_cbed/config.toml")
+    pr.add_argument("--results", default="results", help="results folder (default: results)")
+    pr.set_defaults(func=cmd_prepare)
 
     d = sub.add_parser("demo", help="run the shipped example end to end into results/",
                        description="Simulate the shipped silicon example (data/si.cif) into RESULTS/demo/.")

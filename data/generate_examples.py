@@ -1,0 +1,148 @@
+"""Generate the shipped synthetic examples (Si CBED and Si LARBED) with their truth and configs.
+
+Run:  .venv/bin/python data/generate_examples.py      (about 2 minutes; deterministic, seeded)
+
+Both are Si at 200 kV near [110], on the 111 systematic row about 5.7° off the zone
+(tilt0 = 4.0 1/Å along e_y), with true structure factors U(1,-1,-1) = 0.97 x IAM and
+U(2,-2,-2) = -1.0e-3 Å^-2 (|U_222| = 1e-3; set with all symmetry equivalents), proportional
+absorption U' = 0.02 U, Peng table.  The beam selection of the configs (sg_strong = 0.03 1/Å:
+~73 strong + ~470 Bethe beams) is the one used to generate them.
+
+* ``si_cbed/``: 330 x 800 CBED image, disks -111, 000, 1-1-1, 2-2-2 of radius 30 px, gl = 240 px
+  (0.0013 1/Å per pixel: sharp lines at 3000 Å need it; at gl = 120 cubic interpolation of the
+  pixels is off by 1-2%, more than the Poisson noise), rotation 20°, thickness 3000 Å, ~1e4 counts
+  per pixel, per-disk backgrounds, Poisson noise.
+* ``si_larbed/``: 5 rocking images (000, ±1-1-1, ±2-2-2) of 64 x 64 tilts, gl = 40 tilt steps per
+  |g_111| (0.008 1/Å per step), rotation -35°, thickness 800 Å, Voigt PSF sigma 2.0 / gamma 0.1
+  steps, background 20 counts, Poisson noise, with the true variance map.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_v] = "1"
+
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import numpy as np  # noqa: E402
+
+from stages.physics.beams import Selection  # noqa: E402
+from stages.physics.crystal_io import load_crystal  # noqa: E402
+from stages.physics.pattern_geometry import PatternGeometry  # noqa: E402
+from stages.simulate import ForwardModel  # noqa: E402
+from stages.synthetic import Effects, make_cbed, make_larbed, write_example  # noqa: E402
+
+G1 = (1, -1, -1)
+G2 = (2, -2, -2)
+TILT0_XY = (-0.16, 4.0)
+SELECTION = dict(sg_strong=0.03)
+
+
+def truth_model(si) -> ForwardModel:
+    base = ForwardModel(si, 200.0, (1, 1, 0), x_axis=G1)
+    u111 = 0.97 * complex(base.potential.iam([G1])[0])
+    return ForwardModel(si, 200.0, (1, 1, 0), x_axis=G1, absorption="proportional", absorption_fraction=0.02,
+                        u={G1: u111.real, G2: -1.0e-3}, selection=Selection(**SELECTION))
+
+
+COMMON = """\
+[crystal]
+file = "../si.cif"
+
+[microscope]
+hv_kV = 200.0
+zone = [1, 1, 0]
+x_axis = [1, -1, -1]
+
+[simulation]
+thickness_A = {thickness}
+scattering_table = "peng"
+absorption = "proportional"
+absorption_fraction = 0.02
+solver = "general"
+sg_strong = 0.03
+"""
+
+
+def cbed(si) -> None:
+    m = truth_model(si)
+    pg = PatternGeometry(m.geometry, "cbed", gl_px=240.0, rotation_deg=20.0, centre_px=(205.3, 262.7),
+                         tilt0=tuple(m.geometry.kt_from_xy(*TILT0_XY)))
+    disks = [(-1, 1, 1), (0, 0, 0), G1, G2]
+    eff = Effects(scale=4.0e5, background=[400.0, 600.0, 550.0, 700.0], noise="poisson", seed=11)
+    t0 = time.time()
+    counts, ideal, var, truth = make_cbed(m, pg, (330, 800), disks, 3000.0, disk_radius_px=30.0, eff=eff)
+    print(f"CBED: {time.time() - t0:.0f} s, counts {counts.min():.0f}..{counts.max():.0f}, "
+          f"median in disks {np.median(counts[ideal > 0]):.0f}")
+    folder = HERE / "si_cbed"
+    files = write_example(folder, "si_cbed", counts, truth)
+    (folder / "config.toml").write_text(
+        "# Synthetic Si 111 systematic-row CBED (data/generate_examples.py); truth in si_cbed_truth.json.\n"
+        + COMMON.format(thickness=3000.0) + f"""
+[pattern]
+kind = "cbed"
+file = "{files['pattern']}"
+
+[geometry]
+gl_px = 240.0
+rotation_deg = 20.0
+centre_px = [205.3, 262.7]
+tilt0_xy_invA = [{TILT0_XY[0]}, {TILT0_XY[1]}]
+
+[roi]
+disks = [[-1, 1, 1], [0, 0, 0], [1, -1, -1], [2, -2, -2]]
+# two lines across each disk along the systematic row (display px from the disk centre)
+regions = [
+  {{corners = [[-25.0, 0.0], [25.0, 0.0], [-25.0, 1.0]], samples = [101, 1]}},
+  {{corners = [[-22.0, 12.0], [22.0, 12.0], [-22.0, 13.0]], samples = [89, 1]}},
+]
+""")
+
+
+def larbed(si) -> None:
+    m = truth_model(si)
+    pg = PatternGeometry(m.geometry, "larbed", gl_px=40.0, rotation_deg=-35.0, centre_px=(31.7, 32.2),
+                         tilt0=tuple(m.geometry.kt_from_xy(*TILT0_XY)))
+    disks = [(0, 0, 0), G1, (-1, 1, 1), G2, (-2, 2, 2)]
+    eff = Effects(scale=2.0e4, background=20.0, psf_sigma_px=2.0, psf_gamma_px=0.1, noise="poisson", seed=12)
+    t0 = time.time()
+    counts, ideal, var, truth = make_larbed(m, pg, (64, 64), disks, 800.0, eff=eff)
+    print(f"LARBED: {time.time() - t0:.0f} s, counts {counts.min():.0f}..{counts.max():.0f}")
+    folder = HERE / "si_larbed"
+    files = write_example(folder, "si_larbed", counts, truth, variance=np.maximum(var, 1.0))
+    (folder / "config.toml").write_text(
+        "# Synthetic Si LARBED stack (data/generate_examples.py); truth in si_larbed_truth.json.\n"
+        + COMMON.format(thickness=800.0) + f"""
+[pattern]
+kind = "larbed"
+file = "{files['pattern']}"
+hkl = [[0, 0, 0], [1, -1, -1], [-1, 1, 1], [2, -2, -2], [-2, 2, 2]]
+variance = "{files['variance']}"
+
+[geometry]
+gl_px = 40.0
+rotation_deg = -35.0
+centre_px = [31.7, 32.2]
+tilt0_xy_invA = [{TILT0_XY[0]}, {TILT0_XY[1]}]
+
+[roi]
+# the central 41 x 41 tilts (display px = tilt steps); padding of 9 steps (> 4 sigma of the PSF)
+regions = [{{corners = [[-20.0, -20.0], [20.0, -20.0], [-20.0, 20.0]], samples = [41, 41]}}]
+padding = 9
+""")
+
+
+if __name__ == "__main__":
+    si = load_crystal(HERE / "si.cif")
+    which = sys.argv[1:] or ["cbed", "larbed"]
+    if "cbed" in which:
+        cbed(si)
+    if "larbed" in which:
+        larbed(si)

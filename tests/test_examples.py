@@ -1,0 +1,91 @@
+"""The shipped synthetic examples: configs load, ROIs sample them, and they agree with their truth."""
+
+import json
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from flows.cli import main
+from stages import config as C
+from stages.errors import QcbedInputError
+from stages.load import load_pattern
+from stages.roi import build_roi, regions_from_config
+from stages.simulate import simulate
+
+from .conftest import DATA
+
+
+def _truth_model(cfg):
+    truth = json.loads(next(cfg.base_dir.glob("*_truth.json")).read_text())
+    model = C.forward_model(cfg)
+    for key, (re, im) in truth["U"].items():
+        model.potential.set(tuple(int(x) for x in key.split()), U=complex(re, im))
+    return model, truth
+
+
+def _prepare(name):
+    cfg = C.load_config(DATA / name / "config.toml")
+    model, truth = _truth_model(cfg)
+    pattern = load_pattern(cfg.section("pattern"), cfg.base_dir)
+    pg = C.pattern_geometry(cfg, model)
+    regions, padding = regions_from_config(cfg.section("roi"))
+    roi = build_roi(pattern, pg, regions, C.roi_disks(cfg, pattern), padding)
+    return cfg, model, truth, pattern, roi
+
+
+def test_cbed_example_agrees_with_truth():
+    cfg, model, truth, pattern, roi = _prepare("si_cbed")
+    assert pattern.intensity.shape == (330, 800) and pattern.attrs["kind"] == "cbed"
+    assert roi.attrs["n_points_valid"] == 4 * 190
+    t = truth["thickness_A"]
+    assert C.thickness_of(cfg) == t == 3000.0
+    sim = simulate(model, [t], kt=roi.kt.values, out_hkl=np.stack([roi.h, roi.k, roi.l], 1)).intensity.values[:, 0, :].T
+    eff = truth["effects"]
+    model_counts = eff["scale"] * sim + np.array(eff["background"])[:, None]
+    resid = (roi.intensity.values - model_counts) / np.sqrt(model_counts)
+    # Poisson noise only; interpolating between pixels averages noise (Keys weights: sum w^2 in [0.6, 1]),
+    # so the normalised residuals have mean ~0 and rms between ~0.7 and 1
+    assert abs(resid.mean()) < 0.1
+    assert 0.6 < resid.std() < 1.1
+    assert np.median(roi.intensity.values) > 5e3  # ~1e4 counts per pixel
+
+
+def test_larbed_example_agrees_with_truth():
+    from stages.physics.sampling import convolve_valid, voigt_kernel
+
+    cfg, model, truth, pattern, roi = _prepare("si_larbed")
+    assert pattern.intensity.shape == (5, 64, 64) and "variance" in pattern
+    n = 41 + 2 * 9
+    kt = roi.kt.values
+    sim = simulate(model, [truth["thickness_A"]], kt=kt, out_hkl=np.stack([roi.h, roi.k, roi.l], 1)).intensity.values[:, 0, :].T
+    eff = truth["effects"]
+    blurred = convolve_valid(sim.reshape(5, n, n), voigt_kernel(eff["psf_sigma_px"], eff["psf_gamma_px"], radius_px=9))
+    inner = roi.inner.values
+    model_counts = eff["scale"] * blurred.reshape(5, -1) + eff["background"]
+    resid = (roi.intensity.values[:, inner] - model_counts) / np.sqrt(roi.variance.values[:, inner])
+    assert abs(resid.mean()) < 0.2 and resid.std() < 1.5
+
+
+def test_prepare_command(tmp_path, capsys):
+    assert main(["prepare", str(DATA / "si_larbed" / "config.toml"), "--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "larbed 5x64x64" in out and "41x41" not in out
+    roi = xr.open_zarr(tmp_path / "si_larbed" / "roi.zarr", consolidated=False)
+    assert roi.sizes["point"] == 59 * 59 and int(roi.inner.sum()) == 41 * 41
+    pat = xr.open_zarr(tmp_path / "si_larbed" / "pattern.zarr", consolidated=False)
+    assert list(pat.h.values) == [0, 1, -1, 2, -2]
+
+
+def test_bad_config(tmp_path):
+    bad = tmp_path / "c.toml"
+    text = (DATA / "si_cbed" / "config.toml").read_text().replace('file = "../si.cif"', f'file = "{DATA / "si.cif"}"')
+    bad.write_text(text.replace("gl_px = 240.0", "gl_px = -240.0"))
+    cfg = C.load_config(bad)
+    with pytest.raises(QcbedInputError, match="geometry.gl_px"):
+        C.pattern_geometry(cfg, C.forward_model(cfg))
+    bad.write_text(text.replace("[roi]", "[roi]\ncolour = 1"))
+    with pytest.raises(QcbedInputError, match="roi.colour: unknown key"):
+        C.load_config(bad)
+    bad.write_text(text.replace('file = "si_cbed.npy"', 'file = "missing.npy"'))
+    assert main(["prepare", str(bad), "--results", str(tmp_path)]) == 2
