@@ -247,12 +247,18 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Run the shipped example: Si [110] zone axis at 200 kV, thickness series, into results/demo/."""
+    """Run the shipped examples: Si [110] thickness series (results/demo/), and the synthetic Si CBED
+    pattern loaded and sampled through its ROI (results/si_cbed/)."""
     out = Path(args.results) / "demo"
     argv = ["simulate", str(REPO_DATA / "si.cif"), "--hv", "200", "--zone", "1", "1", "0",
             "--thickness", "200:3000:200", "--absorption", "0.05",
             "--json", str(out / "simulate.json"), "--zarr", str(out / "simulate.zarr")]
     print("qcbed " + " ".join(argv))
+    rc = main(argv)
+    if rc:
+        return rc
+    argv = ["prepare", str(REPO_DATA / "si_cbed" / "config.toml"), "--results", str(args.results)]
+    print("\nqcbed " + " ".join(argv))
     return main(argv)
 
 
@@ -305,7 +311,8 @@ def make_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_prepare)
 
     d = sub.add_parser("demo", help="run the shipped example end to end into results/",
-                       description="Simulate the shipped silicon example (data/si.cif) into RESULTS/demo/.")
+                       description="Simulate the shipped silicon example (data/si.cif) into RESULTS/demo/, then load the "
+                                   "synthetic Si CBED example and sample its ROI into RESULTS/si_cbed/.")
     d.add_argument("--results", default="results", help="results folder (default: results)")
     d.set_defaults(func=cmd_demo)
     return p

@@ -126,7 +126,6 @@ def build_roi(pattern: xr.Dataset, pg: PatternGeometry, regions: list[Region], d
     valid = np.zeros((nd, npt), bool)
     H, W = pattern.intensity.shape[-2:]
     has_var = "variance" in pattern
-    n_bad_pixels = 0
     for d, h in enumerate(disks):
         rc = pg.display_to_pixel(xy, h)
         rows[d], cols[d] = rc[:, 0], rc[:, 1]
@@ -153,7 +152,6 @@ def build_roi(pattern: xr.Dataset, pg: PatternGeometry, regions: list[Region], d
         v, ok = cubic_sample(img, r, c, ok_pix)
         inten[d, sel] = v
         valid[d, sel] = ok
-        n_bad_pixels += int((~ok).sum())
         if vimg is not None:
             vv, okv = cubic_sample(vimg, r, c, ok_pix)
             var[d, sel] = vv
@@ -169,7 +167,7 @@ def build_roi(pattern: xr.Dataset, pg: PatternGeometry, regions: list[Region], d
         {
             "x": ("point", xy[:, 0], {"units": "px (display)"}),
             "y": ("point", xy[:, 1], {"units": "px (display)"}),
-            "kt": (("point", "hkl"), kt, {"units": "reciprocal-lattice units"}),
+            "kt": (("point", "hkl"), kt, {"units": "reciprocal-lattice units (h, k, l components)"}),
             "row": (("disk", "point"), rows, {"units": "px"}),
             "col": (("disk", "point"), cols, {"units": "px"}),
             "intensity": (("disk", "point"), inten, {"units": "counts"}),
@@ -178,8 +176,7 @@ def build_roi(pattern: xr.Dataset, pg: PatternGeometry, regions: list[Region], d
             "included": (("disk", "point"), include),
         },
         coords={"region": ("point", reg), "i": ("point", ii), "j": ("point", jj), "inner": ("point", inner),
-                "h": ("disk", disks[:, 0]), "k": ("disk", disks[:, 1]), "l": ("disk", disks[:, 2]),
-                "hkl": ["h", "k", "l"]},
+                "h": ("disk", disks[:, 0]), "k": ("disk", disks[:, 1]), "l": ("disk", disks[:, 2])},
         attrs={
             "kind": kind, "geometry": json.dumps(pg.as_dict()), "padding": padding,
             "regions": json.dumps([{"corners": r.corners, "samples": r.samples} for r in regions]),
