@@ -89,6 +89,8 @@ def cbed(si) -> None:
 [pattern]
 kind = "cbed"
 file = "{files['pattern']}"
+# an ideal counting detector (Poisson) with 1 count^2 of read-out variance: sigma^2 = I + 1
+detector = {{gain = 1.0, mixing = 1.0, A = 1.0, delta = 0.0, background_variance = 1.0}}
 
 [geometry]
 gl_px = 240.0
@@ -103,6 +105,14 @@ regions = [
   {{corners = [[-25.0, 0.0], [25.0, 0.0], [-25.0, 1.0]], samples = [101, 1]}},
   {{corners = [[-22.0, 12.0], [22.0, 12.0], [-22.0, 13.0]], samples = [89, 1]}},
 ]
+
+[refine]
+gof = "Chi2_multibackground"
+reflections = [
+  {{hkl = [1, -1, -1], refine = ["U"], range_percent = 5}},
+  {{hkl = [2, -2, -2], refine = ["U"], U_range = [-2.0e-3, 0.0]}},
+]
+geometry = ["thickness", "gl", "rotation", "shift"]
 """)
 
 
@@ -133,9 +143,17 @@ centre_px = [31.7, 32.2]
 tilt0_xy_invA = [{TILT0_XY[0]}, {TILT0_XY[1]}]
 
 [roi]
-# the central 41 x 41 tilts (display px = tilt steps); padding of 9 steps (> 4 sigma of the PSF)
-regions = [{{corners = [[-20.0, -20.0], [20.0, -20.0], [-20.0, 20.0]], samples = [41, 41]}}]
-padding = 9
+# the central 40 x 40 tilt steps sampled every 2 steps (21 x 21 points); padding 5 points
+# (10 steps, 5 sigma of the PSF) for the convolution
+regions = [{{corners = [[-20.0, -20.0], [20.0, -20.0], [-20.0, 20.0]], samples = [21, 21]}}]
+padding = 5
+
+[refine]
+gof = "Chi2_LARBED"
+reflections = [{{hkl = [1, -1, -1], refine = ["U"], range_percent = 5}}]
+geometry = ["thickness", "gl", "rotation", "shift", "psf"]
+psf_sigma = 1.5
+psf_gamma = 0.05
 """)
 
 

@@ -246,6 +246,62 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def _prepared(config_path):
+    from stages import config as C
+    from stages.errors import QcbedInputError
+    from stages.load import load_pattern
+    from stages.roi import build_roi, regions_from_config
+
+    cfg = C.load_config(config_path)
+    model = C.forward_model(cfg)
+    if "pattern" not in cfg.data:
+        raise QcbedInputError(f"{cfg.path.name}: [pattern]", "missing section", "see data/si_cbed/config.toml")
+    pattern = load_pattern(cfg.section("pattern"), cfg.base_dir)
+    pg = C.pattern_geometry(cfg, model)
+    regions, padding = regions_from_config(cfg.section("roi"))
+    roi = build_roi(pattern, pg, regions, C.roi_disks(cfg, pattern), padding, cfg.section("roi").get("disk_mask"))
+    return cfg, model, pattern, pg, roi
+
+
+def cmd_refine(args) -> int:
+    """Fine refinement of the structure factors and geometry of one run config."""
+    import numpy as np
+
+    from stages import config as C
+    from stages.fine import refine
+
+    cfg, model, pattern, pg, roi = _prepared(args.config)
+    problem = C.fine_problem(cfg, model, pg, pattern, roi)
+    if args.thickness is not None:
+        problem.thickness0 = float(args.thickness)
+    r = cfg.section("refine")
+    start = {p.label: p.x0 for p in problem.sf}
+    res = refine(problem, max_iterations=args.max_iterations or int(r.get("max_iterations", 200)),
+                 initial_step=float(r.get("initial_step", 0.1)), xatol=float(r.get("xatol", 1e-4)))
+    out = Path(args.results) / run_name(cfg.path)
+    record = {
+        "config": str(cfg.path), "gof_name": problem.gof.name, "gof_start": res.gof_start, "gof": res.gof,
+        "converged": res.converged, "n_points": res.n_points, "dof": res.dof, "scale": res.scale,
+        "background": np.asarray(res.background).tolist(),
+        "parameters": [{"name": n, "value": float(v), "sigma": float(s), "start": start.get(n)}
+                       for n, v, s in zip(res.names, res.values, res.sigma)],
+        "correlation": np.nan_to_num(res.correlation).tolist(), "counters": res.counters,
+        "trace": [{"iteration": it, "values": v, "gof": f} for it, v, f in res.trace],
+    }
+    _atomic_write_text(out / "fine.json", json.dumps(record, indent=1) + "\n")
+    print(f"{problem.gof.name}: {res.gof_start:.4f} -> {res.gof:.4f} (reduced), {res.n_points} points, dof {res.dof}, "
+          f"{'converged' if res.converged else 'not converged'} after {res.counters['outer_iterations']} iterations")
+    print(f"{'parameter':<28}{'start':>14}{'refined':>14}{'sigma':>12}")
+    for p in record["parameters"]:
+        st = "" if p["start"] is None else f"{p['start']:.6g}"
+        print(f"{p['name']:<28}{st:>14}{p['value']:>14.6g}{p['sigma']:>12.2g}")
+    c = res.counters
+    print(f"eigen-solves {c['eigen_solves']}, inner evaluations {c['inner_evaluations']}, "
+          f"solve {c['solve_s']:.1f} s, inner {c['inner_s']:.1f} s, total {c['total_s']:.1f} s")
+    print(f"wrote {out / 'fine.json'}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Run the shipped examples: Si [110] thickness series (results/demo/), and the synthetic Si CBED
     pattern loaded and sampled through its ROI (results/si_cbed/)."""
@@ -309,6 +365,15 @@ def make_parser() -> argparse.ArgumentParser:
     pr.add_argument("config", help="run config (.toml), e.g. data/si_cbed/config.toml")
     pr.add_argument("--results", default="results", help="results folder (default: results)")
     pr.set_defaults(func=cmd_prepare)
+
+    rf = sub.add_parser("refine", help="refine structure factors and geometry of a run config",
+                        description="Load the pattern, sample the ROI and run the nested fine refinement "
+                                    "(Nelder-Mead over structure factors, Powell over geometry); write RESULTS/<run>/fine.json.")
+    rf.add_argument("config", help="run config (.toml) with a [refine] section")
+    rf.add_argument("--results", default="results", help="results folder (default: results)")
+    rf.add_argument("--max-iterations", type=int, help="outer iterations (default: refine.max_iterations or 200)")
+    rf.add_argument("--thickness", type=float, metavar="A", help="starting thickness in Å (default: simulation.thickness_A)")
+    rf.set_defaults(func=cmd_refine)
 
     d = sub.add_parser("demo", help="run the shipped example end to end into results/",
                        description="Simulate the shipped silicon example (data/si.cif) into RESULTS/demo/, then load the "

@@ -29,13 +29,15 @@ from .physics.crystal_io import crystal_from_mapping, load_crystal
 from .physics.pattern_geometry import PatternGeometry
 from .simulate import ForwardModel
 
-SECTIONS = {"crystal", "microscope", "simulation", "pattern", "geometry", "roi"}
+SECTIONS = {"crystal", "microscope", "simulation", "pattern", "geometry", "roi", "refine"}
 MICROSCOPE_KEYS = {"hv_kV", "zone", "x_axis", "normal"}
 SIMULATION_KEYS = {"thickness_A", "scattering_table", "absorption", "absorption_fraction", "solver",
                    "g_max", "sg_max", "sg_strong", "bethe", "tile_invA"}
 GEOMETRY_KEYS = {"gl_px", "rotation_deg", "centre_px", "tilt0", "tilt0_xy_invA", "shift_px", "disk_shift_px",
                  "scale_y", "flip"}
 ROI_KEYS = {"disks", "regions", "padding", "disk_mask"}
+REFINE_KEYS = {"gof", "reflections", "geometry", "psf_sigma", "psf_gamma", "max_iterations", "thickness_scan",
+               "initial_step", "xatol"}
 
 
 @dataclass
@@ -92,6 +94,7 @@ def load_config(path: str | Path) -> RunConfig:
     _unknown(cfg.section("simulation"), SIMULATION_KEYS, "simulation")
     _unknown(cfg.section("geometry"), GEOMETRY_KEYS, "geometry")
     _unknown(cfg.section("roi"), ROI_KEYS, "roi")
+    _unknown(cfg.section("refine"), REFINE_KEYS, "refine")
     return cfg
 
 
@@ -179,3 +182,26 @@ def roi_disks(cfg: RunConfig, pattern) -> np.ndarray:
     if pattern.attrs.get("kind") == "larbed":
         return np.stack([pattern.h.values, pattern.k.values, pattern.l.values], 1).astype(int)
     raise QcbedInputError("roi.disks", "missing", "list the CBED disks to compare, e.g. [[0, 0, 0], [1, -1, -1]]")
+
+
+def fine_problem(cfg: RunConfig, model, pg, pattern, roi):
+    """FineProblem from the [refine] section (stages.fine)."""
+    from .fine import FineProblem, sf_params_from_config
+    from .physics.gof import make_gof
+    from .physics.noise import DetectorModel
+
+    r = cfg.section("refine")
+    det = None
+    pat = cfg.section("pattern")
+    if "detector" in pat:
+        det = DetectorModel.from_mapping(pat["detector"], "pattern.detector")
+    default = "Chi2_LARBED" if pattern.attrs.get("kind") == "larbed" and "variance" in pattern else "Chi2"
+    gof = make_gof(str(r.get("gof", default)), detector=det, base_dir=cfg.base_dir)
+    sf = sf_params_from_config(model, r.get("reflections"))
+    geo = r.get("geometry", ["thickness", "gl", "rotation", "shift"])
+    if not isinstance(geo, list):
+        raise QcbedInputError("refine.geometry", "must be a list such as [\"thickness\", \"gl\", \"rotation\", \"shift\"]")
+    psf = (_number(r.get("psf_sigma", 0.0), "refine.psf_sigma", minimum=0.0), _number(r.get("psf_gamma", 0.0), "refine.psf_gamma", minimum=0.0))
+    return FineProblem(model=model, pg0=pg, pattern=pattern, roi=roi, gof=gof, sf=sf, thickness0=thickness_of(cfg),
+                       refine_geometry=tuple(geo), psf0=psf,
+                       thickness_scan=_number(r.get("thickness_scan", 0.05), "refine.thickness_scan", minimum=0.0))

@@ -108,7 +108,11 @@ class PatternGeometry:
 
     def _disk_shift(self, hkl) -> np.ndarray:
         h = np.atleast_2d(np.asarray(hkl, int))
-        return np.array([self.disk_shift_px.get(_hkl_key(x), (0.0, 0.0)) for x in h], float)
+        if not self.disk_shift_px:
+            return np.zeros((len(h), 2))
+        uniq, inv = np.unique(h, axis=0, return_inverse=True)
+        vals = np.array([self.disk_shift_px.get(_hkl_key(x), (0.0, 0.0)) for x in uniq], float)
+        return vals[inv.ravel()]
 
     # ------------------------------------------------------------------ display <-> tilt
     def display_to_tilt(self, xy) -> np.ndarray:
@@ -131,7 +135,7 @@ class PatternGeometry:
         """Display points (n, 2) of disk hkl (one (3,) or one per point (n, 3)) -> pixel (n, 2) as (row, col)."""
         xy = np.atleast_2d(np.asarray(xy, float))
         h = np.asarray(hkl, int)
-        hh = np.broadcast_to(h, (len(xy), 3)) if h.ndim == 1 else h
+        hh = h[None, :] if h.ndim == 1 else h  # one disk: offsets broadcast over the points
         q = xy + self.disk_offset(hh)
         if self.flip:
             q = q * np.array([1.0, -1.0])
@@ -146,7 +150,7 @@ class PatternGeometry:
         """Inverse of :meth:`display_to_pixel`."""
         rc = np.atleast_2d(np.asarray(rc, float))
         h = np.asarray(hkl, int)
-        hh = np.broadcast_to(h, (len(rc), 3)) if h.ndim == 1 else h
+        hh = h[None, :] if h.ndim == 1 else h
         off = np.array(self.centre_px) + np.array(self.shift_px) + self._disk_shift(hh)
         d = rc - off
         row, col = d[:, 0] / self.scale_y, d[:, 1]

@@ -1,0 +1,803 @@
+"""Coarse refinement by correlation: thickness, orientation, gl, voltage, Debye-Waller B, cell.
+
+The step before the fine structure-factor refinement (../shared/research/pyextal.md §1-2,
+PyExtal's ``CoarseOptimize``, redesigned).  Pure functions of in-memory objects: a
+:class:`~stages.simulate.ForwardModel`, a :class:`~stages.physics.pattern_geometry.PatternGeometry`
+and the pattern Dataset of :mod:`stages.load`; the pipeline wraps them in a stage.
+
+**Simulated field.**  One square grid of incident tilts in the display frame of a geometry, step
+``step_px`` display pixels, half-size ``box_px + search_px``, solved once
+(:func:`simulate_field`: one ``solve_tiled`` over every grid tilt, output beams = the disks).
+Its central ``(2 box + 1)^2`` window is the *template*: the tilts at which the experiment is
+compared.  Every thickness trial recomputes intensities from the cached eigen-solution.
+
+**Template.**  For a geometry ``pg`` the experimental value of disk g at template tilt K is the
+pattern sampled (cubic convolution, :func:`~stages.physics.sampling.cubic_sample`) at the pixel
+that ``pg`` assigns to K: ``pg.display_to_pixel(pg.tilt_to_display(K), g)``.  With the field built
+from ``pg`` these are just the display grid points; with another gl or tilt0 (gl fit, re-use of a
+field) the sampling moves and the simulation stays fixed in tilt (DESIGN.md: geometry changes
+resample the experiment, they never re-solve).  Samples whose 4x4 support touches an invalid
+pixel, or outside ``radius_px`` of the display origin (CBED: keep the template inside the disk),
+are excluded from the correlation.
+
+**Correlation.**  For a shift s (field pixels) the joint zero-mean normalised cross-correlation of
+the stacked disks
+
+    NCC(s) = Σ_d Σ_u m_d(u) (T_d(u) - <T_d>) (S_d(u+s) - <S_d>_s)
+             / sqrt(Σ_d Σ_u m_d (T_d - <T_d>)^2 · Σ_d Σ_u m_d (S_d(u+s) - <S_d>_s)^2)
+
+with m_d the template mask; means are per disk (``background="per_disk"``, default: the Pearson
+correlation of a model c·S + b_d with one scale and one background per disk, as
+Chi2_multibackground) or over the whole stack (``"joint"``, PyExtal's 3-D ``match_template``: one
+scale, one background).  All shifts at once by FFT (the masked correlation of Padfield, IEEE TIP
+21 (2012) 2706, simplified because the simulated field has no invalid pixels); the peak is
+refined to sub-pixel by a parabola through its neighbours in each axis.  Its value is the
+objective: 1 - NCC is minimised by Brent.
+
+**Orientation.**  A peak at shift s means that the experimental sample ``pg`` places at tilt K
+truly belongs to K + p s (p: tilt per field pixel).  The result's geometry has
+``tilt0 + p s``; the experimental sampling, which does not depend on tilt0, is unchanged, so a
+repeated fit from the result finds s ≈ 0 (PyExtal moves tilt0 but not its tilt net, and a repeat
+double-counts the shift).
+
+**Physics that re-solves** (:func:`coarse_voltage`, :func:`coarse_debye_waller`,
+:func:`coarse_cell`): each trial rebuilds the ForwardModel, solves one field, and maximises the
+NCC over shift and (cheaply, from that solution) thickness in a narrow bracket.  Refined U_g /
+U'_g overrides of the model are carried over (scaled by γ'/γ for a new voltage, since
+U = γ F/(πΩ)); PyExtal's ``resetugh`` silently dropped them.
+
+Counters in every result: ``eigen_solves`` (fields solved), ``tilts_solved``,
+``intensity_evaluations`` (thicknesses evaluated from cached solutions), ``ncc_maps`` (correlation
+maps: one per thickness/geometry trial), ``template_samplings``, ``wall_s``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import scipy.fft as sfft
+from scipy.optimize import minimize, minimize_scalar
+
+from .errors import QcbedInputError
+from .physics import constants as K
+from .physics.pattern_geometry import PatternGeometry
+from .physics.sampling import cubic_sample
+from .simulate import ForwardModel, TiledSolution
+
+BACKGROUNDS = ("per_disk", "joint")
+_SCAN_MIN, _SCAN_MAX = 15, 121  # automatic thickness scan: number of thicknesses
+_BATCH = 8  # thicknesses per intensity / FFT batch
+
+
+# ------------------------------------------------------------------------------ bookkeeping
+@dataclass
+class Counters:
+    eigen_solves: int = 0
+    tilts_solved: int = 0
+    intensity_evaluations: int = 0
+    ncc_maps: int = 0
+    template_samplings: int = 0
+    wall_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("eigen_solves", "tilts_solved", "intensity_evaluations", "ncc_maps",
+                                              "template_samplings", "wall_s")}
+
+
+@dataclass
+class SimField:
+    """Eigen-solution on a square tilt grid (see the module docstring); re-usable across calls."""
+
+    model: ForwardModel
+    geometry: PatternGeometry  # its display grid (tilt0 at the centre, its gl) defines the tilts
+    disks: np.ndarray  # (nd, 3)
+    step_px: float
+    n_box: int  # template half-size [grid steps]
+    n_search: int  # search half-range [grid steps]
+    solution: TiledSolution
+    solve_s: float
+
+    @property
+    def n_side(self) -> int:
+        return 2 * (self.n_box + self.n_search) + 1
+
+    @property
+    def n_template(self) -> int:
+        return 2 * self.n_box + 1
+
+    @property
+    def tilt_per_px_invA(self) -> float:
+        """Tilt per field pixel p [Å^-1] (the grid step is ``step_px`` of these)."""
+        return self.geometry.pixel_size_invA
+
+    def template_xy(self) -> np.ndarray:
+        """Display points (n*n, 2) of the template in the field's own geometry, rows = y."""
+        ax = self.step_px * np.arange(-self.n_box, self.n_box + 1)
+        X, Y = np.meshgrid(ax, ax)
+        return np.stack([X.ravel(), Y.ravel()], 1)
+
+    def template_tilts(self) -> np.ndarray:
+        return self.geometry.display_to_tilt(self.template_xy())
+
+    def intensities(self, thickness_A) -> np.ndarray:
+        """Simulated field (n_thickness, nd, n_side, n_side) at the given thicknesses."""
+        t = np.atleast_1d(np.asarray(thickness_A, float))
+        inten = self.solution.intensities(t)  # (ntilt, nt, nd)
+        n = self.n_side
+        return np.ascontiguousarray(np.transpose(inten, (1, 2, 0))).reshape(len(t), len(self.disks), n, n)
+
+
+@dataclass
+class CoarseResult:
+    """Outcome of one coarse fit.
+
+    ``geometry``: the input geometry with the orientation correction applied (tilt0 moved by the
+    shift found) and, for :func:`coarse_gl`, the fitted gl; ``shift_px``: that correction, display
+    pixels (x, y) of the *input* geometry; ``ncc``: joint NCC at the optimum; ``ncc_per_disk``:
+    each disk's own zero-mean NCC at the same shift; ``params``: the fitted physical parameters;
+    ``scan``: the coarse scan before Brent ({parameter: values, "ncc": values}); ``at_edge``: the
+    correlation peak lies on the border of the search range (widen ``search_px``); ``at_bound``:
+    the optimum lies at a bound of the bracket (widen it).
+    """
+
+    thickness_A: float
+    geometry: PatternGeometry
+    model: ForwardModel
+    shift_px: tuple[float, float]
+    ncc: float
+    ncc_per_disk: np.ndarray
+    disks: np.ndarray
+    params: dict
+    counters: dict
+    scan: dict = field(default_factory=dict)
+    at_edge: bool = False
+    at_bound: bool = False
+    field: SimField | None = field(default=None, repr=False)
+
+    def as_dict(self) -> dict:
+        """JSON-serialisable summary (for the stage store's attrs and reports)."""
+        def plain(v):
+            if isinstance(v, dict):
+                return {str(k): plain(x) for k, x in v.items()}
+            if isinstance(v, np.ndarray):
+                return v.tolist()
+            if isinstance(v, (list, tuple)):
+                return [plain(x) for x in v]
+            if isinstance(v, np.generic):
+                return v.item()
+            return v
+        return {
+            "thickness_A": float(self.thickness_A), "thickness_nm": float(self.thickness_A) / 10.0,
+            "geometry": self.geometry.as_dict(), "hv_kV": float(self.model.hv_kV),
+            "shift_px": [float(x) for x in self.shift_px], "ncc": float(self.ncc),
+            "ncc_per_disk": [float(x) for x in self.ncc_per_disk], "disks": np.asarray(self.disks).tolist(),
+            "params": plain(self.params), "counters": dict(self.counters), "scan": plain(self.scan),
+            "at_edge": bool(self.at_edge), "at_bound": bool(self.at_bound),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict())
+
+
+# ------------------------------------------------------------------------------ field
+def _grid_counts(box_px, search_px, step_px) -> tuple[int, int, float]:
+    for name, v, pos in (("box_px", box_px, True), ("search_px", search_px, False), ("step_px", step_px, True)):
+        if v is None or not np.isfinite(v) or v < 0 or (pos and v <= 0):
+            raise QcbedInputError(f"coarse.{name}", f"must be a {'positive' if pos else 'non-negative'} number of "
+                                  f"display pixels, got {v!r}")
+    step = float(step_px)
+    nb = int(round(box_px / step))
+    ns = int(np.ceil(search_px / step - 1e-9))
+    if nb < 1:
+        raise QcbedInputError("coarse.box_px", f"{box_px} px is less than one grid step ({step} px)",
+                              "use a larger box or a smaller step")
+    return nb, ns, step
+
+
+def simulate_field(model: ForwardModel, pg: PatternGeometry, disks, box_px: float, search_px: float,
+                   step_px: float = 1.0, counters: Counters | None = None) -> SimField:
+    """Solve the eigenproblem once on the square tilt grid of ``pg`` (half-size box + search)."""
+    nb, ns, step = _grid_counts(box_px, search_px, step_px)
+    disks = np.atleast_2d(np.asarray(disks, int))
+    n = nb + ns
+    ax = step * np.arange(-n, n + 1)
+    X, Y = np.meshgrid(ax, ax)
+    kt = pg.display_to_tilt(np.stack([X.ravel(), Y.ravel()], 1))
+    t0 = time.perf_counter()
+    sol = model.solve_tiled(kt, disks)
+    dt = time.perf_counter() - t0
+    if counters is not None:
+        counters.eigen_solves += 1
+        counters.tilts_solved += len(kt)
+    return SimField(model=model, geometry=pg, disks=disks, step_px=step, n_box=nb, n_search=ns, solution=sol,
+                    solve_s=dt)
+
+
+def _check_field(fld: SimField, model, disks, box_px, search_px, step_px) -> None:
+    nb, ns, step = _grid_counts(box_px, search_px, step_px)
+    if fld.model is not model:
+        raise QcbedInputError("coarse.field", "was simulated with another forward model", "pass field=None to re-solve")
+    if not np.array_equal(fld.disks, np.atleast_2d(np.asarray(disks, int))):
+        raise QcbedInputError("coarse.field", "was simulated for another list of disks", "pass field=None to re-solve")
+    if (nb, ns) != (fld.n_box, fld.n_search) or not np.isclose(step, fld.step_px):
+        raise QcbedInputError("coarse.field", f"has box/search/step {fld.n_box * fld.step_px}/{fld.n_search * fld.step_px}"
+                              f"/{fld.step_px} px, not {box_px}/{search_px}/{step_px}", "use the field's values")
+
+
+# ------------------------------------------------------------------------------ template
+def _images(pattern, pg: PatternGeometry, disks: np.ndarray):
+    kind = pattern.attrs.get("kind", pg.kind)
+    if kind != pg.kind:
+        raise QcbedInputError("pattern.kind", f"pattern is {kind!r} but the geometry is {pg.kind!r}")
+    inten = np.asarray(pattern.intensity.values, float)
+    valid = np.asarray(pattern.valid.values, bool) if "valid" in pattern else np.isfinite(inten)
+    if kind == "cbed":
+        return [(inten, valid)] * len(disks)
+    lut = {tuple(int(v) for v in h): i for i, h in
+           enumerate(zip(pattern.h.values.tolist(), pattern.k.values.tolist(), pattern.l.values.tolist()))}
+    out = []
+    for h in disks.tolist():
+        if tuple(h) not in lut:
+            raise QcbedInputError("coarse.disks", f"reflection {' '.join(map(str, h))} has no image in the pattern",
+                                  "use reflections listed in the pattern's hkl")
+        out.append((inten[lut[tuple(h)]], valid[lut[tuple(h)]]))
+    return out
+
+
+@dataclass
+class _Template:
+    values: np.ndarray  # (nd, n, n), NaN where excluded
+    mask: np.ndarray  # (nd, n, n) bool
+
+
+def _sample_template(pattern, pg: PatternGeometry, fld: SimField, radius_px, images=None,
+                     counters: Counters | None = None) -> _Template:
+    disks = fld.disks
+    images = images if images is not None else _images(pattern, pg, disks)
+    kt = fld.template_tilts()
+    xy = pg.tilt_to_display(kt)
+    n = fld.n_template
+    vals = np.full((len(disks), n * n), np.nan)
+    mask = np.zeros((len(disks), n * n), bool)
+    inside = np.ones(len(xy), bool) if radius_px is None else np.hypot(xy[:, 0], xy[:, 1]) <= float(radius_px)
+    for d, h in enumerate(disks):
+        img, ok_pix = images[d]
+        rc = pg.display_to_pixel(xy, h)
+        v, ok = cubic_sample(img, rc[:, 0], rc[:, 1], ok_pix)
+        ok &= inside
+        vals[d, ok] = v[ok]
+        mask[d] = ok
+    for d, h in enumerate(disks):
+        if mask[d].sum() < 3:
+            raise QcbedInputError("coarse", f"disk {' '.join(map(str, h))}: fewer than 3 template samples are on valid "
+                                  "pixels (masked, unrecorded, or outside the pattern)",
+                                  "move or shrink the template (box_px, radius_px) or check the geometry")
+    if counters is not None:
+        counters.template_samplings += 1
+    return _Template(vals.reshape(len(disks), n, n), mask.reshape(len(disks), n, n))
+
+
+# ------------------------------------------------------------------------------ correlation
+class _Matcher:
+    """Masked zero-mean NCC of a disk-stacked template against every window of the simulated field."""
+
+    def __init__(self, tpl: _Template, n_side: int, background: str = "per_disk"):
+        if background not in BACKGROUNDS:
+            raise QcbedInputError("coarse.background", f"unknown mode {background!r}", f"use {' or '.join(BACKGROUNDS)}")
+        self.background = background
+        m = tpl.mask.astype(float)
+        v = np.where(tpl.mask, tpl.values, 0.0)
+        nd, n, _ = m.shape
+        self.n_side, self.n_tpl, self.nd = n_side, n, nd
+        self.n_d = m.sum(axis=(1, 2))  # valid samples per disk
+        if background == "per_disk":
+            tz = (v - (v.sum(axis=(1, 2)) / self.n_d)[:, None, None]) * m
+        else:
+            tz = (v - v.sum() / self.n_d.sum()) * m
+        self.t2 = float((tz**2).sum())
+        self.t2_d = (tz**2).sum(axis=(1, 2))
+        # per-disk zero-mean template (for the per-disk NCC report)
+        self.tz_d = (v - (v.sum(axis=(1, 2)) / self.n_d)[:, None, None]) * m
+        shape = (n_side, n_side)
+        self.FT = np.conj(sfft.rfft2(tz, s=shape))
+        self.FTd = np.conj(sfft.rfft2(self.tz_d, s=shape))
+        self.FM = np.conj(sfft.rfft2(m, s=shape))
+        self.na = n_side - n + 1  # shifts per axis
+
+    def _corr(self, F) -> np.ndarray:
+        out = sfft.irfft2(F, s=(self.n_side, self.n_side))
+        return out[..., : self.na, : self.na]
+
+    def maps(self, S: np.ndarray) -> np.ndarray:
+        """Joint NCC maps (B, na, na) for simulated fields S (B, nd, N, N)."""
+        FS = sfft.rfft2(S)
+        FS2 = sfft.rfft2(S * S)
+        num = self._corr((self.FT[None] * FS).sum(axis=1))
+        s1 = self._corr(self.FM[None] * FS)  # (B, nd, na, na)
+        s2 = self._corr(self.FM[None] * FS2)
+        if self.background == "per_disk":
+            var = (s2 - s1**2 / self.n_d[None, :, None, None]).sum(axis=1)
+        else:
+            var = s2.sum(axis=1) - s1.sum(axis=1) ** 2 / self.n_d.sum()
+        scale = np.abs(s2.sum(axis=1)) + 1e-300
+        var = np.where(var > 1e-12 * scale, var, np.nan)
+        ncc = num / np.sqrt(self.t2 * var)
+        return np.where(np.isfinite(ncc), ncc, -1.0)
+
+    def per_disk(self, S1: np.ndarray, pos) -> np.ndarray:
+        """Each disk's own zero-mean NCC for one field S1 (nd, N, N) at shift ``pos`` (fractional map index)."""
+        FS = sfft.rfft2(S1)
+        num = self._corr(self.FTd * FS)
+        s1 = self._corr(self.FM * FS)
+        s2 = self._corr(self.FM * sfft.rfft2(S1 * S1))
+        var = s2 - s1**2 / self.n_d[:, None, None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            c = num / np.sqrt(self.t2_d[:, None, None] * var)
+        c = np.where(np.isfinite(c), c, 0.0)
+        return np.array([_bilinear(cd, pos) for cd in c])
+
+
+def _bilinear(c: np.ndarray, pos) -> float:
+    i, j = pos
+    i0 = int(np.clip(np.floor(i), 0, c.shape[0] - 2)) if c.shape[0] > 1 else 0
+    j0 = int(np.clip(np.floor(j), 0, c.shape[1] - 2)) if c.shape[1] > 1 else 0
+    fi, fj = (i - i0 if c.shape[0] > 1 else 0.0), (j - j0 if c.shape[1] > 1 else 0.0)
+    i1, j1 = min(i0 + 1, c.shape[0] - 1), min(j0 + 1, c.shape[1] - 1)
+    return float((1 - fi) * (1 - fj) * c[i0, j0] + (1 - fi) * fj * c[i0, j1] + fi * (1 - fj) * c[i1, j0] + fi * fj * c[i1, j1])
+
+
+def _parabola(ym, y0, yp) -> tuple[float, float]:
+    """Vertex offset (clipped to ±0.5) and the value there of the parabola through (-1, ym), (0, y0), (1, yp)."""
+    a = 0.5 * (yp + ym) - y0
+    b = 0.5 * (yp - ym)
+    if a >= 0:  # not a maximum: keep the grid point
+        return 0.0, y0
+    x = float(np.clip(-b / (2 * a), -0.5, 0.5))
+    return x, float(a * x * x + b * x + y0)
+
+
+@dataclass(frozen=True)
+class _Peak:
+    pos: tuple[float, float]  # fractional map index (row, col)
+    value: float
+    at_edge: bool
+
+
+def _peak(c: np.ndarray) -> _Peak:
+    na = c.shape[0]
+    i, j = np.unravel_index(int(np.argmax(c)), c.shape)
+    v0 = float(c[i, j])
+    di = dj = 0.0
+    gi = gj = 0.0
+    if 0 < i < na - 1:
+        di, vi = _parabola(c[i - 1, j], v0, c[i + 1, j])
+        gi = vi - v0
+    if 0 < j < na - 1:
+        dj, vj = _parabola(c[i, j - 1], v0, c[i, j + 1])
+        gj = vj - v0
+    edge = na > 1 and (i in (0, na - 1) or j in (0, na - 1))
+    return _Peak((i + di, j + dj), v0 + gi + gj, bool(edge))
+
+
+# ------------------------------------------------------------------------------ evaluation helpers
+class _ThicknessObjective:
+    """Peak NCC as a function of thickness, from one field and one template (memoised)."""
+
+    def __init__(self, fld: SimField, matcher: _Matcher, counters: Counters):
+        self.fld, self.matcher, self.counters = fld, matcher, counters
+        self.memo: dict[float, _Peak] = {}
+
+    def many(self, ts) -> list[_Peak]:
+        ts = [float(t) for t in ts]
+        todo = [t for t in dict.fromkeys(ts) if t not in self.memo]
+        for a in range(0, len(todo), _BATCH):
+            chunk = todo[a:a + _BATCH]
+            S = self.fld.intensities(chunk)
+            self.counters.intensity_evaluations += len(chunk)
+            maps = self.matcher.maps(S)
+            self.counters.ncc_maps += len(chunk)
+            for t, c in zip(chunk, maps):
+                self.memo[t] = _peak(c)
+        return [self.memo[t] for t in ts]
+
+    def __call__(self, t: float) -> float:
+        return 1.0 - self.many([t])[0].value
+
+
+def _auto_scan(fld: SimField, lo: float, hi: float) -> int:
+    """Thicknesses for the scan: spacing 1/(4 max|s_g|) over the field and the disks (a thickness
+    error δt moves the fringes of a beam with excitation error s by s δt of a period), 15-121."""
+    geo = fld.model.geometry
+    h = fld.disks[np.any(fld.disks != 0, axis=1)]
+    if len(h) == 0:
+        return 25
+    kt = fld.template_tilts()
+    s = geo.excitation_errors(geo.incident(kt), geo.crystal.recip_to_cart(h))
+    smax = float(np.max(np.abs(s)))
+    if not np.isfinite(smax) or smax <= 0:
+        return 25
+    n = int(np.ceil((hi - lo) * 4.0 * smax)) + 1
+    return int(np.clip(n, _SCAN_MIN, _SCAN_MAX))
+
+
+def _fit_thickness(obj: _ThicknessObjective, lo: float, hi: float, n_scan: int, xatol: float):
+    """Scan, then bounded Brent between the neighbours of the best scan point.  Returns (t, peak, scan, at_bound)."""
+    ts = np.linspace(lo, hi, max(int(n_scan), 3))
+    peaks = obj.many(ts)
+    vals = np.array([p.value for p in peaks])
+    k = int(np.argmax(vals))
+    a, b = ts[max(k - 1, 0)], ts[min(k + 1, len(ts) - 1)]
+    res = minimize_scalar(obj, bounds=(a, b), method="bounded", options={"xatol": xatol})
+    t_best = float(res.x)
+    if 1.0 - float(res.fun) < vals[k]:
+        t_best = float(ts[k])
+    at_bound = (k == 0 or k == len(ts) - 1) and min(abs(t_best - lo), abs(t_best - hi)) < 0.5 * (ts[1] - ts[0])
+    return t_best, obj.many([t_best])[0], {"thickness_A": ts, "ncc": vals}, bool(at_bound)
+
+
+def _check_bracket(bracket, name: str, positive: bool = True) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in bracket)
+    except (TypeError, ValueError):
+        raise QcbedInputError(f"coarse.{name}", f"must be two numbers (low, high), got {bracket!r}") from None
+    if not (np.isfinite(lo) and np.isfinite(hi)) or not lo < hi or (positive and lo <= 0):
+        raise QcbedInputError(f"coarse.{name}", f"must be an interval low < high{' of positive values' if positive else ''}, "
+                              f"got {bracket!r}")
+    return lo, hi
+
+
+def _shifted(pg: PatternGeometry, fld: SimField, pos) -> tuple[PatternGeometry, tuple[float, float]]:
+    """Geometry with tilt0 moved by the correlation peak at map index ``pos``; and the shift in pg's display px."""
+    sy = (pos[0] - fld.n_search) * fld.step_px
+    sx = (pos[1] - fld.n_search) * fld.step_px
+    geo = pg.geometry
+    p = fld.tilt_per_px_invA
+    d_cart = p * (sx * geo.e_x - sy * geo.e_y)
+    tilt0 = np.asarray(pg.tilt0, float) + geo.crystal.cart_to_recip(d_cart)
+    f = p / pg.pixel_size_invA
+    return pg.with_(tilt0=tuple(float(x) for x in tilt0)), (float(sx * f), float(sy * f))
+
+
+def _finish(model, pg, fld, matcher, t, peak, counters, t_start, params, scan, at_bound) -> CoarseResult:
+    S1 = fld.intensities([t])[0]
+    counters.intensity_evaluations += 1
+    per = matcher.per_disk(S1, peak.pos)
+    geom, shift = _shifted(pg, fld, peak.pos)
+    counters.wall_s = time.perf_counter() - t_start
+    return CoarseResult(thickness_A=float(t), geometry=geom, model=model, shift_px=shift, ncc=float(peak.value),
+                        ncc_per_disk=per, disks=fld.disks.copy(), params=params, counters=counters.as_dict(),
+                        scan=scan, at_edge=peak.at_edge, at_bound=bool(at_bound), field=fld)
+
+
+# ------------------------------------------------------------------------------ 1. thickness + orientation
+def coarse_orientation_thickness(model: ForwardModel, pg: PatternGeometry, pattern, disks, box_px: float,
+                                 search_px: float, thickness_bracket_A, step_px: float = 1.0, *,
+                                 n_scan: int | None = None, radius_px: float | None = None,
+                                 background: str = "per_disk", xatol_A: float = 0.05,
+                                 field: SimField | None = None) -> CoarseResult:
+    """Thickness and orientation (tilt0) by template matching over one simulated tilt field.
+
+    ``disks`` (nd, 3) compared together; ``box_px``: half-size of the template (display px about
+    the display origin: the 000-disk centre of every CBED disk, the tilt0 pixel for LARBED);
+    ``search_px``: largest orientation error searched; ``thickness_bracket_A`` (low, high);
+    ``step_px``: grid step (display px).  ``n_scan``: thicknesses of the coarse scan (default:
+    automatic, 15-121, from the excitation errors); ``radius_px``: also exclude template points
+    farther than this from the origin (CBED: keep inside the disk); ``field``: a cached field of
+    this model, disks and grid (e.g. ``result.field``) to re-use instead of solving.
+
+    One eigen-solution; each thickness only recomputes intensities.  Scan, then bounded Brent
+    around the best scan point minimising 1 - max NCC.
+    """
+    t_start = time.perf_counter()
+    counters = Counters()
+    lo, hi = _check_bracket(thickness_bracket_A, "thickness_bracket_A")
+    disks = np.atleast_2d(np.asarray(disks, int))
+    if field is None:
+        fld = simulate_field(model, pg, disks, box_px, search_px, step_px, counters)
+    else:
+        _check_field(field, model, disks, box_px, search_px, step_px)
+        fld = field
+    tpl = _sample_template(pattern, pg, fld, radius_px, counters=counters)
+    matcher = _Matcher(tpl, fld.n_side, background)
+    obj = _ThicknessObjective(fld, matcher, counters)
+    n = _auto_scan(fld, lo, hi) if n_scan is None else int(n_scan)
+    t, peak, scan, at_bound = _fit_thickness(obj, lo, hi, n, xatol_A)
+    return _finish(model, pg, fld, matcher, t, peak, counters, t_start, {"thickness_A": t}, scan, at_bound)
+
+
+# ------------------------------------------------------------------------------ 2. gl
+def coarse_gl(model: ForwardModel, pg: PatternGeometry, pattern, disks, box_px: float, search_px: float,
+              thickness_A: float, gl_bracket_px=None, step_px: float = 1.0, *, n_scan: int = 21,
+              radius_px: float | None = None, background: str = "per_disk", xatol_px: float | None = None,
+              field: SimField | None = None) -> CoarseResult:
+    """gl (camera length / tilt steps per |g_x|) at fixed thickness, maximising the same NCC.
+
+    The simulated field stays fixed in tilt (one solve, or none with ``field``); each gl trial
+    resamples the experiment at the pixels the trial geometry assigns to the template tilts, and
+    the shift is re-optimised.  ``gl_bracket_px`` defaults to gl ± 5 %.  Scan (``n_scan``) then
+    bounded Brent (``xatol_px``, default 1e-5 gl).  The result's geometry has the fitted gl and the
+    orientation correction at that gl.
+    """
+    t_start = time.perf_counter()
+    counters = Counters()
+    gl0 = pg.gl_px
+    lo, hi = _check_bracket(gl_bracket_px if gl_bracket_px is not None else (0.95 * gl0, 1.05 * gl0), "gl_bracket_px")
+    t = float(thickness_A)
+    if not np.isfinite(t) or t < 0:
+        raise QcbedInputError("coarse.thickness_A", f"must be a thickness >= 0 Å, got {thickness_A!r}")
+    disks = np.atleast_2d(np.asarray(disks, int))
+    if field is None:
+        fld = simulate_field(model, pg, disks, box_px, search_px, step_px, counters)
+    else:
+        _check_field(field, model, disks, box_px, search_px, step_px)
+        fld = field
+    images = _images(pattern, pg, disks)
+    S = fld.intensities([t])
+    counters.intensity_evaluations += 1
+    memo: dict[float, tuple[_Peak, _Matcher]] = {}
+
+    def evaluate(gl: float):
+        gl = float(gl)
+        if gl not in memo:
+            tpl = _sample_template(pattern, pg.with_(gl_px=gl), fld, radius_px, images, counters)
+            m = _Matcher(tpl, fld.n_side, background)
+            memo[gl] = (_peak(m.maps(S)[0]), m)
+            counters.ncc_maps += 1
+        return memo[gl]
+
+    gls = np.linspace(lo, hi, max(int(n_scan), 3))
+    vals = np.array([evaluate(g)[0].value for g in gls])
+    k = int(np.argmax(vals))
+    a, b = gls[max(k - 1, 0)], gls[min(k + 1, len(gls) - 1)]
+    xatol = 1e-5 * gl0 if xatol_px is None else float(xatol_px)
+    res = minimize_scalar(lambda g: 1.0 - evaluate(g)[0].value, bounds=(a, b), method="bounded",
+                          options={"xatol": xatol})
+    gl_best = float(res.x) if 1.0 - float(res.fun) >= vals[k] else float(gls[k])
+    peak, matcher = evaluate(gl_best)
+    at_bound = (k == 0 or k == len(gls) - 1) and min(gl_best - lo, hi - gl_best) < 0.5 * (gls[1] - gls[0])
+    return _finish(model, pg.with_(gl_px=gl_best), fld, matcher, t, peak, counters, t_start,
+                   {"gl_px": gl_best, "thickness_A": t}, {"gl_px": gls, "ncc": vals}, at_bound)
+
+
+# ------------------------------------------------------------------------------ 3. physics that re-solves
+def _rebuilt(model: ForwardModel, *, hv_kV: float | None = None, crystal=None) -> ForwardModel:
+    """The model at another voltage and/or crystal, with its refined U / U' overrides carried over."""
+    ov = model.potential.overrides
+    hv = model.hv_kV if hv_kV is None else float(hv_kV)
+    scale = float(K.gamma_factor(hv) / K.gamma_factor(model.hv_kV))
+    return replace(model, hv_kV=hv, crystal=model.crystal if crystal is None else crystal,
+                   u={h: v * scale for h, v in ov["U"].items()}, uprime={h: v * scale for h, v in ov["Uprime"].items()})
+
+
+class _PhysicsObjective:
+    """1 - NCC maximised over shift and (in a narrow bracket) thickness, for a model built per trial."""
+
+    def __init__(self, build, pg, pattern, disks, box_px, search_px, step_px, thickness_A, thickness_rel,
+                 n_thickness, radius_px, background, counters):
+        self.build, self.pg, self.pattern = build, pg, pattern
+        self.disks = np.atleast_2d(np.asarray(disks, int))
+        self.box, self.search, self.step = box_px, search_px, step_px
+        self.t0 = float(thickness_A)
+        if not np.isfinite(self.t0) or self.t0 <= 0:
+            raise QcbedInputError("coarse.thickness_A", f"must be a positive thickness in Å, got {thickness_A!r}")
+        self.rel = float(thickness_rel)
+        self.n_t = int(n_thickness)
+        self.radius, self.background, self.counters = radius_px, background, counters
+        self.matcher = None
+        self.memo: dict[tuple, tuple] = {}
+        self.trace: list[tuple] = []
+
+    def evaluate(self, x):
+        key = tuple(float(v) for v in np.atleast_1d(x))
+        if key in self.memo:
+            return self.memo[key]
+        model, pg = self.build(*key)
+        fld = simulate_field(model, pg, self.disks, self.box, self.search, self.step, self.counters)
+        if self.matcher is None:  # the experimental sampling does not depend on these parameters
+            tpl = _sample_template(self.pattern, pg, fld, self.radius, counters=self.counters)
+            self.matcher = _Matcher(tpl, fld.n_side, self.background)
+        obj = _ThicknessObjective(fld, self.matcher, self.counters)
+        if self.rel > 0:
+            lo, hi = self.t0 * (1 - self.rel), self.t0 * (1 + self.rel)
+            t, peak, _, _ = _fit_thickness(obj, lo, hi, self.n_t, xatol=1e-4 * self.t0)
+        else:
+            t, peak = self.t0, obj.many([self.t0])[0]
+        out = (model, pg, fld, t, peak)
+        self.memo[key] = out
+        self.trace.append((*key, t, peak.value))
+        return out
+
+    def __call__(self, x) -> float:
+        return 1.0 - self.evaluate(x)[4].value
+
+
+def _physics_result(obj: _PhysicsObjective, x_best, params, t_start, at_bound) -> CoarseResult:
+    model, pg, fld, t, peak = obj.evaluate(x_best)
+    tr = np.array(obj.trace, float)
+    names = list(params)
+    scan = {"trace_" + n: tr[:, i] for i, n in enumerate(names[: tr.shape[1] - 2])}
+    scan.update({"trace_thickness_A": tr[:, -2], "ncc": tr[:, -1]})
+    params = dict(params)
+    params["thickness_A"] = t
+    return _finish(model, pg, fld, obj.matcher, t, peak, obj.counters, t_start, params, scan, at_bound)
+
+
+def coarse_voltage(model: ForwardModel, pg: PatternGeometry, pattern, disks, box_px: float, search_px: float,
+                   thickness_A: float, hv_bracket_kV=None, step_px: float = 1.0, *, thickness_rel: float = 0.03,
+                   n_thickness: int = 7, xatol_kV: float = 0.01, radius_px: float | None = None,
+                   background: str = "per_disk") -> CoarseResult:
+    """Accelerating voltage by bounded Brent over hv_kV (default bracket hv ± 2 kV).
+
+    Each trial rebuilds the ForwardModel at that voltage (overrides scaled by γ'/γ) and solves one
+    field; thickness is re-fitted from that solution within ± ``thickness_rel`` (voltage and
+    thickness are nearly degenerate for zero-layer reflections: s_g and U_g/K both scale as 1/K,
+    so HOLZ lines carry most of the information), the orientation at every trial.  The geometry
+    (gl) is held: with LARBED tilt steps in angle, refit gl afterwards (:func:`coarse_gl`).
+    """
+    t_start = time.perf_counter()
+    counters = Counters()
+    hv0 = float(model.hv_kV)
+    lo, hi = _check_bracket(hv_bracket_kV if hv_bracket_kV is not None else (hv0 - 2.0, hv0 + 2.0), "hv_bracket_kV")
+
+    def build(hv):
+        m = _rebuilt(model, hv_kV=hv)
+        return m, pg.with_(geometry=m.geometry)
+
+    obj = _PhysicsObjective(build, pg, pattern, disks, box_px, search_px, step_px, thickness_A, thickness_rel,
+                            n_thickness, radius_px, background, counters)
+    res = minimize_scalar(lambda v: obj(v), bounds=(lo, hi), method="bounded", options={"xatol": xatol_kV})
+    hv = float(res.x)
+    at_bound = min(hv - lo, hi - hv) < 2 * xatol_kV
+    return _physics_result(obj, hv, {"hv_kV": hv}, t_start, at_bound)
+
+
+def _site_indices(crystal, sites) -> list[int]:
+    labels = [s.label for s in crystal.sites]
+    if sites is None:
+        idx = list(range(len(labels)))
+    else:
+        idx = []
+        for s in sites:
+            if isinstance(s, (int, np.integer)) and not isinstance(s, bool):
+                if not 0 <= int(s) < len(labels):
+                    raise QcbedInputError("coarse.sites", f"site index {s} out of range (0-{len(labels) - 1})")
+                idx.append(int(s))
+            elif s in labels:
+                idx.append(labels.index(s))
+            else:
+                raise QcbedInputError("coarse.sites", f"no atom site {s!r}", f"sites are {', '.join(labels)}")
+    for i in idx:
+        if crystal.sites[i].beta is not None:
+            raise QcbedInputError("coarse.sites", f"site {labels[i]} has an anisotropic displacement tensor",
+                                  "refine isotropic B only for sites given with B / U_iso")
+    return list(dict.fromkeys(idx))
+
+
+def coarse_debye_waller(model: ForwardModel, pg: PatternGeometry, pattern, disks, box_px: float, search_px: float,
+                        thickness_A: float, sites=None, b_bounds_A2=None, step_px: float = 1.0, *,
+                        thickness_rel: float = 0.03, n_thickness: int = 7, xatol_A2: float = 0.005,
+                        radius_px: float | None = None, background: str = "per_disk") -> CoarseResult:
+    """Isotropic Debye-Waller B [Å^2] of each distinct atom site (asymmetric unit), bounded.
+
+    ``sites``: labels or indices (default all; sites with anisotropic tensors are refused);
+    ``b_bounds_A2``: (low, high) for every site, or one pair per site (default 0.5-1.5 x B, or 0-1
+    for B = 0).  One site: bounded Brent; several: Powell with bounds.  Each trial rebuilds the
+    crystal and the model (refined U_g overrides are kept, and the DW factor no longer acts on them)
+    and solves one field; thickness and orientation re-fitted as in :func:`coarse_voltage`.
+    """
+    t_start = time.perf_counter()
+    counters = Counters()
+    cr = model.crystal
+    idx = _site_indices(cr, sites)
+    b0 = [float(cr.sites[i].b_iso) for i in idx]
+    if b_bounds_A2 is None:
+        bounds = [(0.5 * b, 1.5 * b) if b > 0 else (0.0, 1.0) for b in b0]
+    else:
+        arr = np.asarray(b_bounds_A2, float)
+        bounds = [tuple(arr)] * len(idx) if arr.shape == (2,) else [tuple(r) for r in arr]
+        if len(bounds) != len(idx):
+            raise QcbedInputError("coarse.b_bounds_A2", f"need one (low, high) or one per site ({len(idx)})")
+        bounds = [_check_bracket(b, "b_bounds_A2", positive=False) for b in bounds]
+        if any(b[0] < 0 for b in bounds):
+            raise QcbedInputError("coarse.b_bounds_A2", "B is never negative", "use a lower bound >= 0")
+
+    def build(*bs):
+        new_sites = list(cr.sites)
+        for i, b in zip(idx, bs):
+            new_sites[i] = replace(new_sites[i], b_iso=float(b), beta=None)
+        m = _rebuilt(model, crystal=replace(cr, sites=tuple(new_sites)))
+        return m, pg.with_(geometry=m.geometry)
+
+    obj = _PhysicsObjective(build, pg, pattern, disks, box_px, search_px, step_px, thickness_A, thickness_rel,
+                            n_thickness, radius_px, background, counters)
+    if len(idx) == 1:
+        res = minimize_scalar(lambda b: obj([b]), bounds=bounds[0], method="bounded", options={"xatol": xatol_A2})
+        x = np.atleast_1d(res.x)
+    else:
+        x0 = np.clip(b0, [b[0] for b in bounds], [b[1] for b in bounds])
+        res = minimize(obj, x0, method="Powell", bounds=bounds, options={"xtol": xatol_A2, "ftol": 1e-6})
+        x = np.atleast_1d(res.x)
+    at_bound = any(min(v - b[0], b[1] - v) < 2 * xatol_A2 for v, b in zip(x, bounds))
+    params = {"b_iso_A2": {cr.sites[i].label: float(v) for i, v in zip(idx, x)}}
+    # keep the trace names generic: one column per site
+    result = _physics_result(obj, x, {f"B_{cr.sites[i].label}": float(v) for i, v in zip(idx, x)}, t_start, at_bound)
+    result.params.update(params)
+    return result
+
+
+def crystal_system(crystal) -> str:
+    """Crystal system from the space-group number (trigonal groups in rhombohedral axes: 'rhombohedral')."""
+    n = crystal.sg.number
+    if n <= 2:
+        return "triclinic"
+    if n <= 15:
+        return "monoclinic"
+    if n <= 74:
+        return "orthorhombic"
+    if n <= 142:
+        return "tetragonal"
+    if n <= 167:
+        return "rhombohedral" if crystal.spacegroup.rstrip().endswith(":R") else "trigonal"
+    if n <= 194:
+        return "hexagonal"
+    return "cubic"
+
+
+#: Free cell lengths per crystal system and how the three lengths follow from them (angles fixed).
+_CELL_FREE = {
+    "cubic": (("a",), lambda p, c: (p[0], p[0], p[0])),
+    "rhombohedral": (("a",), lambda p, c: (p[0], p[0], p[0])),
+    "tetragonal": (("a", "c"), lambda p, c: (p[0], p[0], p[1])),
+    "trigonal": (("a", "c"), lambda p, c: (p[0], p[0], p[1])),
+    "hexagonal": (("a", "c"), lambda p, c: (p[0], p[0], p[1])),
+    "orthorhombic": (("a", "b", "c"), lambda p, c: (p[0], p[1], p[2])),
+    "monoclinic": (("a", "b", "c"), lambda p, c: (p[0], p[1], p[2])),
+    "triclinic": (("a", "b", "c"), lambda p, c: (p[0], p[1], p[2])),
+}
+
+
+def coarse_cell(model: ForwardModel, pg: PatternGeometry, pattern, disks, box_px: float, search_px: float,
+                thickness_A: float, rel_bound: float = 0.01, step_px: float = 1.0, *, thickness_rel: float = 0.03,
+                n_thickness: int = 7, xatol_rel: float = 1e-5, radius_px: float | None = None,
+                background: str = "per_disk") -> CoarseResult:
+    """Lattice parameters constrained by the crystal system, angles fixed, each within ± ``rel_bound``.
+
+    Free lengths: cubic (and rhombohedral axes) a; tetragonal, trigonal, hexagonal a, c;
+    orthorhombic, monoclinic, triclinic a, b, c.  One free length: bounded Brent; more: Powell with
+    bounds.  tilt0 stays fixed in reciprocal-lattice units and gl in pixels, so the tilt per pixel
+    |g_x|/gl follows the cell.  Each trial rebuilds crystal, model and geometry and solves one field;
+    thickness and orientation re-fitted as in :func:`coarse_voltage`.
+    """
+    t_start = time.perf_counter()
+    counters = Counters()
+    cr = model.crystal
+    if not np.isfinite(rel_bound) or not 0 < rel_bound < 0.5:
+        raise QcbedInputError("coarse.rel_bound", f"must lie in (0, 0.5), got {rel_bound!r}")
+    system = crystal_system(cr)
+    names, lengths = _CELL_FREE[system]
+    idx = {"a": 0, "b": 1, "c": 2}
+    p0 = np.array([cr.cell[idx[n]] for n in names])
+    bounds = [(v * (1 - rel_bound), v * (1 + rel_bound)) for v in p0]
+
+    def build(*p):
+        cell = tuple(lengths(p, cr)) + tuple(cr.cell[3:])
+        m = _rebuilt(model, crystal=replace(cr, cell=cell))
+        return m, pg.with_(geometry=m.geometry)
+
+    obj = _PhysicsObjective(build, pg, pattern, disks, box_px, search_px, step_px, thickness_A, thickness_rel,
+                            n_thickness, radius_px, background, counters)
+    if len(names) == 1:
+        res = minimize_scalar(lambda v: obj([v]), bounds=bounds[0], method="bounded",
+                              options={"xatol": xatol_rel * p0[0]})
+        x = np.atleast_1d(res.x)
+    else:
+        res = minimize(obj, p0, method="Powell", bounds=bounds, options={"xtol": xatol_rel * float(p0.min()), "ftol": 1e-7})
+        x = np.atleast_1d(res.x)
+    at_bound = any(min(v - b[0], b[1] - v) < 2 * xatol_rel * v for v, b in zip(x, bounds))
+    result = _physics_result(obj, x, {f"{n}_A": float(v) for n, v in zip(names, x)}, t_start, at_bound)
+    result.params["cell"] = list(result.model.crystal.cell)
+    result.params["crystal_system"] = system
+    return result

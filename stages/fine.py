@@ -1,0 +1,537 @@
+"""Fine refinement: structure factors by Nelder-Mead, geometry by Powell at each cached eigen-solution.
+
+The nested loop of the seed specification (../shared/seed/), with the anchor's weak points fixed
+(../shared/research/pyextal.md §2, §7):
+
+* Outer: Nelder-Mead over the refined structure-factor components, each normalised to its range
+  [lo, hi] (x~ = (x - lo)/(hi - lo)); the ranges are also honoured as bounds.  A zero-width IAM
+  range (a reflection forbidden in the IAM, such as Si 222) gets a default absolute range.
+* Each outer evaluation sets the values (with all symmetry equivalents and correct phases), solves
+  the eigenproblem once for all ROI tilts (tiles), then optimises the geometry in an inner loop at
+  that cached solution: thickness, gl, rotation, global shift, optionally per-disk shifts (CBED) and
+  the Voigt PSF sigma/gamma (LARBED, convolved on the padded grid).  Geometry changes move only
+  the experimental sampling points; the simulation tilts stay fixed.
+* The objective does not depend on history: every inner search starts from the same recorded
+  geometry (after a cheap thickness scan from the cached solution), so equal structure factors
+  always give equal figures of merit, and the reported geometry is the inner optimum of the best
+  point, re-evaluated at the end.
+* Uncertainties: the Jacobian of the weighted residuals (scale and backgrounds re-solved in closed
+  form, i.e. profiled) with respect to every refined parameter at the optimum gives
+  cov = (J^T J)^-1 * reduced chi^2; standard errors and the correlation matrix are reported.
+* Counters: eigen-solves, inner evaluations and wall time of each phase.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import minimize
+
+from .errors import QcbedInputError
+from .physics.gof import BaseGOF
+from .physics.pattern_geometry import PatternGeometry
+from .physics.sampling import convolve_valid, cubic_sample, voigt_kernel
+from .physics.structure_factors import centric_phase
+from .simulate import ForwardModel
+
+GEOMETRY_PARAMS = ("thickness", "gl", "rotation", "shift", "disk_shifts", "psf")
+#: Inner-loop step scales (one Powell unit): thickness Å, gl px, rotation deg, shifts px, PSF px.
+_STEP = {"thickness": 10.0, "gl": 0.2, "rotation": 0.1, "shift": 0.3, "disk_shift": 0.3, "sigma": 0.2, "gamma": 0.05}
+#: Default absolute half-range [Å^-2] for a reflection whose IAM value is zero.
+ZERO_IAM_HALF_RANGE = 2.0e-3
+
+
+@dataclass
+class SFParam:
+    """One refined structure-factor component.
+
+    ``component``: 'U' or 'Uprime' (real amplitude along the centric phase for centrosymmetric
+    reflections, signed), or 'U_amp', 'U_phase', 'Uprime_amp', 'Uprime_phase' for acentric ones
+    (phase in degrees).  ``lo``/``hi``: range (normalisation and bounds), ``x0``: start.
+    """
+
+    hkl: tuple[int, int, int]
+    component: str
+    lo: float
+    hi: float
+    x0: float
+
+    @property
+    def label(self) -> str:
+        return f"{self.component}({' '.join(map(str, self.hkl))})"
+
+
+def sf_params_from_config(model: ForwardModel, reflections: list, field_prefix: str = "refine.reflections") -> list[SFParam]:
+    """Refined components from the config: [{hkl, refine = ['U', 'Uprime'], range_percent, U_range, Uprime_range, U, Uprime}]."""
+    if not isinstance(reflections, list) or not reflections:
+        raise QcbedInputError(field_prefix, "list the reflections to refine, e.g. [{hkl = [1, -1, -1], refine = ['U']}]")
+    out = []
+    for i, r in enumerate(reflections):
+        f = f"{field_prefix}[{i}]"
+        allowed = {"hkl", "refine", "range_percent", "U_range", "Uprime_range", "U", "Uprime"}
+        if not isinstance(r, dict) or "hkl" not in r:
+            raise QcbedInputError(f, "needs hkl = [h, k, l]")
+        bad = set(r) - allowed
+        if bad:
+            raise QcbedInputError(f"{f}.{sorted(bad)[0]}", "unknown key", f"allowed: {', '.join(sorted(allowed))}")
+        hkl = tuple(int(x) for x in r["hkl"])
+        comps = r.get("refine", ["U"])
+        pot = model.potential
+        phi0 = centric_phase(model.crystal, hkl)
+        u_now, up_now = (complex(v[0]) for v in pot.get([hkl]))
+        pct = float(r.get("range_percent", 5.0)) / 100.0
+        for comp in comps:
+            if comp not in ("U", "Uprime"):
+                raise QcbedInputError(f"{f}.refine", f"unknown component {comp!r}", "use 'U' and/or 'Uprime'")
+            now = u_now if comp == "U" else up_now
+            if comp in r:
+                now = complex(r[comp]) if phi0 is None else complex(r[comp]) * np.exp(1j * phi0)
+            rng = r.get(f"{comp}_range")
+            if phi0 is not None:
+                val = float((now * np.exp(-1j * phi0)).real)
+                if rng is not None:
+                    lo, hi = sorted(float(x) for x in rng)
+                elif abs(val) > 1e-9:
+                    lo, hi = sorted((val * (1 - pct), val * (1 + pct)))
+                else:
+                    lo, hi = -ZERO_IAM_HALF_RANGE, ZERO_IAM_HALF_RANGE
+                if not lo < hi:
+                    raise QcbedInputError(f"{f}.{comp}_range", f"empty range [{lo}, {hi}]", "give lo < hi in 1/Å^2")
+                if not lo <= val <= hi:
+                    val = min(max(val, lo), hi)
+                out.append(SFParam(hkl, comp, lo, hi, val))
+            else:
+                amp, ph = abs(now), float(np.degrees(np.angle(now)))
+                lo, hi = (sorted(float(x) for x in rng) if rng is not None else
+                          ((amp * (1 - pct), amp * (1 + pct)) if amp > 1e-9 else (0.0, ZERO_IAM_HALF_RANGE)))
+                out.append(SFParam(hkl, comp + "_amp", lo, hi, min(max(amp, lo), hi)))
+                out.append(SFParam(hkl, comp + "_phase", ph - 30.0, ph + 30.0, ph))
+    return out
+
+
+def apply_sf(model: ForwardModel, params: list[SFParam], values) -> None:
+    """Write refined values into the model's potential (all symmetry equivalents)."""
+    groups: dict = {}
+    for p, v in zip(params, values):
+        base = p.component.split("_")[0]
+        groups.setdefault((p.hkl, base), {})[p.component] = float(v)
+    for (hkl, base), comps in groups.items():
+        if base in comps:  # centric: signed amplitude along phi0
+            phi0 = centric_phase(model.crystal, hkl) or 0.0
+            val = comps[base] * np.exp(1j * phi0)
+        else:
+            cur = complex((model.potential.get([hkl])[0] if base == "U" else model.potential.get([hkl])[1])[0])
+            amp = comps.get(base + "_amp", abs(cur))
+            ph = np.radians(comps.get(base + "_phase", np.degrees(np.angle(cur))))
+            val = amp * np.exp(1j * ph)
+        model.potential.set(hkl, **({"U": val} if base == "U" else {"Uprime": val}))
+
+
+@dataclass
+class FineProblem:
+    """Everything the objective needs, fixed for the whole refinement."""
+
+    model: ForwardModel
+    pg0: PatternGeometry
+    pattern: object  # xarray Dataset (stages.load)
+    roi: object  # xarray Dataset (stages.roi)
+    gof: BaseGOF
+    sf: list[SFParam]
+    thickness0: float
+    refine_geometry: tuple = ("thickness", "gl", "rotation", "shift")
+    psf0: tuple[float, float] = (0.0, 0.0)  # Voigt sigma, gamma [tilt steps] (LARBED)
+    thickness_scan: float = 0.05  # relative half-width of the thickness scan before each inner search
+    inner_maxiter: int = 4000
+    counters: dict = field(default_factory=lambda: {"eigen_solves": 0, "inner_evaluations": 0, "solve_s": 0.0, "inner_s": 0.0})
+
+    def __post_init__(self):
+        bad = set(self.refine_geometry) - set(GEOMETRY_PARAMS)
+        if bad:
+            raise QcbedInputError("refine.geometry", f"unknown parameter {sorted(bad)[0]!r}", f"choose from {', '.join(GEOMETRY_PARAMS)}")
+        kind = self.pg0.kind
+        if "disk_shifts" in self.refine_geometry and kind != "cbed":
+            raise QcbedInputError("refine.geometry", "disk_shifts are refined for CBED only")
+        if "psf" in self.refine_geometry and kind != "larbed":
+            raise QcbedInputError("refine.geometry", "the Voigt PSF is refined for LARBED only")
+        roi = self.roi
+        self.disks = np.stack([roi.h.values, roi.k.values, roi.l.values], 1).astype(int)
+        self.kt = roi.kt.values
+        self.inner_mask = roi.inner.values
+        self.kt_inner = self.kt[self.inner_mask]
+        self.included = roi.included.values[:, self.inner_mask]
+        self.padding = int(roi.attrs.get("padding", 0))
+        self.use_psf = kind == "larbed" and ("psf" in self.refine_geometry or self.psf0[0] > 0 or self.psf0[1] > 0)
+        if self.use_psf and self.padding < 1:
+            raise QcbedInputError("roi.padding", "a PSF needs padding (grid steps around each region)",
+                                  "set roi.padding to about 4 sigma of the PSF")
+        regions = roi.region.values
+        self.grids = []
+        for r in np.unique(regions):
+            sel = np.nonzero(regions == r)[0]
+            ni = roi.i.values[sel].max() - roi.i.values[sel].min() + 1
+            nj = roi.j.values[sel].max() - roi.j.values[sel].min() + 1
+            # grid step in display px (= tilt steps for LARBED): the PSF kernel is sampled at it
+            xy = np.stack([roi.x.values[sel], roi.y.values[sel]], 1).reshape(int(ni), int(nj), 2)
+            step = float(np.linalg.norm(xy[0, 1] - xy[0, 0])) if nj > 1 else 1.0
+            if self.use_psf and ni > 1 and abs(np.linalg.norm(xy[1, 0] - xy[0, 0]) - step) > 1e-6 * step:
+                raise QcbedInputError(f"roi.regions[{int(r)}]", "a PSF needs a square sampling grid (equal steps along both edges)")
+            self.grids.append((sel, int(ni), int(nj), step))
+        pat = self.pattern
+        lut = None
+        if kind == "larbed":
+            lut = {tuple(h): i for i, h in enumerate(zip(pat.h.values.tolist(), pat.k.values.tolist(), pat.l.values.tolist()))}
+        self.images, self.valids, self.variances = [], [], []
+        for h in self.disks:
+            if kind == "larbed":
+                i = lut[tuple(h)]
+                img, val = pat.intensity.values[i], pat.valid.values[i]
+                var = pat.variance.values[i] if "variance" in pat else None
+            else:
+                img, val = pat.intensity.values, pat.valid.values
+                var = pat.variance.values if "variance" in pat else None
+            self.images.append(img)
+            self.valids.append(val)
+            self.variances.append(var)
+        self._names = self._geometry_names()
+
+    # ---------------------------------------------------------------- geometry vector
+    def _geometry_names(self) -> list[str]:
+        names = []
+        rg = self.refine_geometry
+        if "thickness" in rg:
+            names.append("thickness")
+        if "gl" in rg:
+            names.append("gl")
+        if "rotation" in rg:
+            names.append("rotation")
+        if "shift" in rg:
+            names += ["shift_row", "shift_col"]
+        if "disk_shifts" in rg:
+            for h in self.disks[1:]:
+                key = " ".join(map(str, h))
+                names += [f"disk_shift_row[{key}]", f"disk_shift_col[{key}]"]
+        if "psf" in rg:
+            names += ["psf_sigma", "psf_gamma"]
+        return names
+
+    @property
+    def geometry_names(self) -> list[str]:
+        return list(self._names)
+
+    def geometry_start(self, thickness: float | None = None) -> dict:
+        pg = self.pg0
+        g = {"thickness": self.thickness0 if thickness is None else thickness, "gl": pg.gl_px, "rotation": pg.rotation_deg,
+             "shift_row": pg.shift_px[0], "shift_col": pg.shift_px[1], "psf_sigma": self.psf0[0], "psf_gamma": self.psf0[1]}
+        for h in self.disks[1:]:
+            key = " ".join(map(str, h))
+            dr, dc = pg.disk_shift_px.get(tuple(int(x) for x in h), (0.0, 0.0))
+            g[f"disk_shift_row[{key}]"] = dr
+            g[f"disk_shift_col[{key}]"] = dc
+        return g
+
+    def _step(self, name: str) -> float:
+        if name.startswith("disk_shift"):
+            return _STEP["disk_shift"]
+        if name.startswith("shift"):
+            return _STEP["shift"]
+        if name.startswith("psf_"):
+            return _STEP[name[4:]]
+        return _STEP[name]
+
+    def _pg(self, g: dict) -> PatternGeometry:
+        ds = dict(self.pg0.disk_shift_px)
+        for h in self.disks[1:]:
+            key = " ".join(map(str, h))
+            if f"disk_shift_row[{key}]" in g:
+                ds[tuple(int(x) for x in h)] = (g[f"disk_shift_row[{key}]"], g[f"disk_shift_col[{key}]"])
+        return self.pg0.with_(gl_px=g["gl"], rotation_deg=g["rotation"], shift_px=(g["shift_row"], g["shift_col"]),
+                              disk_shift_px=ds)
+
+    # ---------------------------------------------------------------- evaluation
+    def solve(self, values):
+        t0 = time.perf_counter()
+        apply_sf(self.model, self.sf, values)
+        sol = self.model.solve_tiled(self.kt, self.disks)
+        self.counters["eigen_solves"] += 1
+        self.counters["solve_s"] += time.perf_counter() - t0
+        return sol
+
+    def simulated(self, sol, g: dict) -> np.ndarray:
+        """Simulated intensities (nd, n_inner) at thickness g, with the PSF if any."""
+        inten = sol.intensities([g["thickness"]])[:, 0, :].T  # (nd, npt)
+        if not self.use_psf:
+            return inten[:, self.inner_mask]
+        return self._psf(inten, g)
+
+    def experimental(self, g: dict):
+        """Experimental intensity, variance and usability (nd, n_inner) at geometry g."""
+        pg = self._pg(g)
+        xy = pg.tilt_to_display(self.kt_inner)
+        nd, n = len(self.disks), len(self.kt_inner)
+        has_var = self.variances[0] is not None
+        if pg.kind == "cbed":  # one image: sample every disk in one call
+            rc = pg.display_to_pixel(np.tile(xy, (nd, 1)), np.repeat(self.disks, n, axis=0))
+            exp, ok = cubic_sample(self.images[0], rc[:, 0], rc[:, 1], self.valids[0])
+            var = cubic_sample(self.variances[0], rc[:, 0], rc[:, 1], self.valids[0])[0] if has_var else None
+            exp, ok = exp.reshape(nd, n), ok.reshape(nd, n)
+            var = var.reshape(nd, n) if has_var else None
+            return exp, var, ok & self.included
+        exp = np.full((nd, n), np.nan)
+        var = np.full((nd, n), np.nan) if has_var else None
+        ok = np.zeros((nd, n), bool)
+        for d, h in enumerate(self.disks):
+            rc = pg.display_to_pixel(xy, h)
+            exp[d], ok[d] = cubic_sample(self.images[d], rc[:, 0], rc[:, 1], self.valids[d])
+            if has_var:
+                var[d], _ = cubic_sample(self.variances[d], rc[:, 0], rc[:, 1], self.valids[d])
+        return exp, var, ok & self.included
+
+    def gof_at(self, sol, g: dict):
+        self.counters["inner_evaluations"] += 1
+        sim = self.simulated(sol, g)
+        exp, var, ok = self.experimental(g)
+        fit = self.gof.fit(sim, exp, var, ok)
+        return fit
+
+    def n_free(self) -> int:
+        return len(self.sf) + len(self._names)
+
+    def inner(self, sol) -> tuple[float, dict, object]:
+        """Geometry optimum at a cached solution, from the recorded start: (reduced GOF, geometry, fit)."""
+        t0 = time.perf_counter()
+        g0 = self.geometry_start()
+        nf = self.n_free()
+        if "thickness" in self._names and self.thickness_scan > 0:
+            g0 = {**g0, "thickness": self._scan_thickness(sol, g0, nf)}
+        names = self._names
+        if not names:
+            fit = self.gof_at(sol, g0)
+            self.counters["inner_s"] += time.perf_counter() - t0
+            return self.gof.reduced(fit, nf), g0, fit
+        steps = np.array([self._step(n) for n in names])
+        x0 = np.array([g0[n] for n in names]) / steps
+        lower, upper = self._bounds(g0, names, steps)
+        def f(x):
+            # the box is enforced by a penalty, not by Powell's bounds: with bounds, scipy searches each
+            # line over the whole box (bounded golden section) and jumps between distant local minima;
+            # without, the line search brackets from the current point (a local search)
+            out = np.maximum(lower - x, 0) + np.maximum(x - upper, 0)
+            if np.any(out > 0):
+                return 1e30 * (1 + float(out.sum()))
+            g = {**g0, **dict(zip(names, x * steps))}
+            return self._safe_reduced(sol, g, nf)
+
+        res = minimize(f, np.clip(x0, lower, upper), method="Powell",
+                       options={"xtol": 1e-3, "ftol": 1e-9, "maxfev": self.inner_maxiter})
+        g = {**g0, **dict(zip(names, res.x * steps))}
+        fit = self.gof_at(sol, g)
+        self.counters["inner_s"] += time.perf_counter() - t0
+        return self.gof.reduced(fit, nf), g, fit
+
+    def _scan_thickness(self, sol, g0: dict, nf: int, n: int = 41) -> float:
+        """Best of n thicknesses within ±thickness_scan of the start, all from one intensity call
+        (the experimental sampling does not change with thickness)."""
+        ts = self.thickness0 * (1 + np.linspace(-self.thickness_scan, self.thickness_scan, n))
+        exp, var, ok = self.experimental(g0)
+        inten = sol.intensities(ts)  # (npt, n, nd)
+        best, best_t = np.inf, float(g0["thickness"])
+        for k, t in enumerate(ts):
+            sim = inten[:, k, :].T
+            if self.use_psf:
+                sim = self._psf(sim, g0)
+            else:
+                sim = sim[:, self.inner_mask]
+            self.counters["inner_evaluations"] += 1
+            try:
+                v = float(self.gof.reduced(self.gof.fit(sim, exp, var, ok), nf))
+            except QcbedInputError:
+                continue
+            if v < best:
+                best, best_t = v, float(t)
+        return best_t
+
+    def _psf(self, inten: np.ndarray, g: dict) -> np.ndarray:
+        R = self.padding
+        parts = []
+        for sel, ni, nj, step in self.grids:
+            k = voigt_kernel(max(g["psf_sigma"], 1e-3) / step, max(g["psf_gamma"], 0.0) / step, radius_px=R)
+            grid = inten[:, sel].reshape(len(self.disks), ni, nj)
+            parts.append(convolve_valid(grid, k).reshape(len(self.disks), -1))
+        return np.concatenate(parts, axis=1)
+
+    #: Inner search box around the recorded start: thickness ±30%, gl ±10%, rotation ±5°, shifts
+    #: ±15 px, PSF sigma in [0.05, 8], gamma in [0, 3] tilt steps.
+    def _bounds(self, g0: dict, names, steps):
+        lo, hi = [], []
+        for n in names:
+            v = g0[n]
+            if n == "thickness":
+                a, b = 0.7 * self.thickness0, 1.3 * self.thickness0
+            elif n == "gl":
+                a, b = 0.9 * self.pg0.gl_px, 1.1 * self.pg0.gl_px
+            elif n == "rotation":
+                a, b = self.pg0.rotation_deg - 5.0, self.pg0.rotation_deg + 5.0
+            elif n == "psf_sigma":
+                a, b = 0.05, 8.0
+            elif n == "psf_gamma":
+                a, b = 0.0, 3.0
+            else:
+                a, b = v - 15.0, v + 15.0
+            lo.append(min(a, v))
+            hi.append(max(b, v))
+        steps = np.asarray(steps)
+        return np.array(lo) / steps, np.array(hi) / steps
+
+    def _safe_reduced(self, sol, g, nf) -> float:
+        """Reduced GOF; a geometry that leaves no usable point gets a large finite penalty (Powell's
+        line searches cannot handle inf)."""
+        try:
+            v = float(self.gof.reduced(self.gof_at(sol, g), nf))
+        except QcbedInputError:
+            return 1e30
+        return v if np.isfinite(v) else 1e30
+
+    # ---------------------------------------------------------------- normalisation
+    def to_unit(self, values) -> np.ndarray:
+        lo = np.array([p.lo for p in self.sf])
+        hi = np.array([p.hi for p in self.sf])
+        return (np.asarray(values, float) - lo) / (hi - lo)
+
+    def from_unit(self, u) -> np.ndarray:
+        lo = np.array([p.lo for p in self.sf])
+        hi = np.array([p.hi for p in self.sf])
+        return lo + np.asarray(u, float) * (hi - lo)
+
+
+@dataclass
+class FineResult:
+    names: list[str]  # structure-factor components then geometry parameters
+    values: np.ndarray
+    sigma: np.ndarray
+    correlation: np.ndarray
+    gof: float  # reduced GOF at the optimum
+    gof_start: float
+    scale: float
+    background: np.ndarray
+    geometry: dict
+    trace: list  # per outer iteration: (iteration, best values, gof)
+    counters: dict
+    n_points: int
+    dof: int
+    converged: bool
+
+    def value(self, name: str) -> float:
+        return float(self.values[self.names.index(name)])
+
+    def error(self, name: str) -> float:
+        return float(self.sigma[self.names.index(name)])
+
+
+def refine(problem: FineProblem, max_iterations: int = 200, xatol: float = 1e-4, fatol: float = 1e-7,
+           initial_step: float = 0.1, callback=None, start_simplex=None, start_iteration: int = 0) -> FineResult:
+    """Run the nested refinement; returns values, uncertainties, geometry, trace and counters.
+
+    Nelder-Mead runs in chunks of one iteration so that ``callback(iteration, simplex, fsimplex, best)``
+    can checkpoint; ``start_simplex`` (with its values) continues an interrupted run exactly.
+    """
+    t_start = time.perf_counter()
+    memo: dict = {}
+    sf = problem.sf
+    n = len(sf)
+
+    def objective(u):
+        key = np.asarray(u, float).tobytes()
+        if key not in memo:
+            sol = problem.solve(problem.from_unit(u))
+            val, g, fit = problem.inner(sol)
+            memo[key] = (val, g, fit)
+        return memo[key][0]
+
+    u0 = problem.to_unit([p.x0 for p in sf])
+    gof_start = objective(u0)
+    if start_simplex is not None:
+        sim = np.asarray(start_simplex, float)
+    else:
+        sim = np.vstack([u0] + [u0 + initial_step * np.eye(n)[i] * (1 if u0[i] + initial_step <= 1 else -1) for i in range(n)])
+    trace = []
+    it = start_iteration
+    converged = False
+    bounds = [(0.0, 1.0)] * n
+    while it < max_iterations:
+        res = minimize(objective, sim[0], method="Nelder-Mead", bounds=bounds,
+                       options={"initial_simplex": sim, "maxiter": 2, "xatol": xatol, "fatol": fatol, "adaptive": n > 2})
+        sim, fsim = res.final_simplex
+        if res.nit > 1 or res.status == 0:
+            it += max(res.nit - 1, 0)
+            best = problem.from_unit(sim[0])
+            trace.append((it, best.tolist(), float(fsim[0])))
+            if callback is not None:
+                callback(it, sim, fsim, best)
+        if res.status == 0 or (res.nit <= 1 and res.status != 2):
+            converged = res.status == 0
+            break
+        if np.max(np.abs(sim[1:] - sim[0])) <= xatol and np.max(np.abs(fsim[1:] - fsim[0])) <= fatol:
+            converged = True
+            break
+    t_outer = time.perf_counter() - t_start
+    # re-evaluate the best point: its own inner optimum is the reported geometry
+    u_best = sim[0]
+    sol = problem.solve(problem.from_unit(u_best))
+    gof_best, g_best, fit = problem.inner(sol)
+    values_sf = problem.from_unit(u_best)
+    names = [p.label for p in sf] + problem.geometry_names
+    values = np.concatenate([values_sf, [g_best[k] for k in problem.geometry_names]])
+    sigma, corr = _uncertainties(problem, values_sf, g_best, sol, fit)
+    counters = dict(problem.counters)
+    counters.update({"outer_evaluations": len(memo), "outer_iterations": it, "outer_s": t_outer,
+                     "total_s": time.perf_counter() - t_start})
+    dof = int(fit.n_points - fit.n_linear - problem.n_free())
+    return FineResult(names=names, values=values, sigma=sigma, correlation=corr, gof=float(gof_best),
+                      gof_start=float(gof_start), scale=float(fit.scale), background=np.asarray(fit.background),
+                      geometry=g_best, trace=trace, counters=counters, n_points=int(fit.n_points), dof=dof,
+                      converged=converged)
+
+
+def _uncertainties(problem: FineProblem, values_sf, g, sol, fit):
+    """Standard errors and correlations from the Jacobian of the profiled weighted residuals."""
+    names_g = problem.geometry_names
+    used = np.isfinite(fit.model) if fit.model is not None else None
+    r0 = fit.residual[used] if used is not None else fit.residual.ravel()
+    cols = []
+    nf = problem.n_free()
+    for i, p in enumerate(problem.sf):
+        h = 1e-3 * (p.hi - p.lo)
+        v = np.array(values_sf, float)
+        v[i] += h
+        s = problem.solve(v)
+        f2 = problem.gof_at(s, g)
+        cols.append(_resid(f2, used, r0) / h)
+    problem.solve(values_sf)  # restore the potential at the optimum
+    for name in names_g:
+        h = 0.05 * problem._step(name) if not name.startswith("psf") else 0.02
+        g2 = {**g, name: g[name] + h}
+        f2 = problem.gof_at(sol, g2)
+        cols.append(_resid(f2, used, r0) / h)
+    n = len(cols)
+    if n == 0:
+        return np.zeros(0), np.zeros((0, 0))
+    J = np.stack(cols, axis=1)
+    red = float(problem.gof.reduced(fit, nf))
+    try:
+        cov = np.linalg.pinv(J.T @ J) * red
+    except np.linalg.LinAlgError:
+        return np.full(n, np.nan), np.full((n, n), np.nan)
+    sig = np.sqrt(np.clip(np.diag(cov), 0, None))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = cov / np.outer(sig, sig)
+    return sig, corr
+
+
+def _resid(fit2, used, r0):
+    """Derivative numerator: residuals at the displaced point minus the optimum's, on the optimum's points."""
+    r = fit2.residual[used] if used is not None else fit2.residual.ravel()
+    out = r - r0
+    out[~np.isfinite(out)] = 0.0
+    return out
