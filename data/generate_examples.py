@@ -8,9 +8,9 @@ U(2,-2,-2) = -1.0e-3 Å^-2 (|U_222| = 1e-3; set with all symmetry equivalents), 
 absorption U' = 0.02 U, Peng table.  The beam selection of the configs (sg_strong = 0.03 1/Å:
 ~73 strong + ~470 Bethe beams) is the one used to generate them.
 
-* ``si_cbed/``: 330 x 800 CBED image, disks -111, 000, 1-1-1, 2-2-2 of radius 30 px, gl = 240 px
-  (0.0013 1/Å per pixel: sharp lines at 3000 Å need it; at gl = 120 cubic interpolation of the
-  pixels is off by 1-2%, more than the Poisson noise), rotation 20°, thickness 3000 Å, ~1e4 counts
+* ``si_cbed/``: 440 x 1130 CBED image, disks -111, 000, 1-1-1, 2-2-2 of radius 30 px, gl = 360 px
+  (0.00089 1/Å per pixel: sharp lines at 3000 Å need it; at gl = 120 cubic interpolation of the
+  pixels is off by 1-2%, more than the Poisson noise, and at gl = 240 it still biased U_222 by 2%), rotation 20°, thickness 3000 Å, ~1e4 counts
   per pixel, per-disk backgrounds, Poisson noise.
 * ``si_larbed/``: 5 rocking images (000, ±1-1-1, ±2-2-2) of 64 x 64 tilts, gl = 40 tilt steps per
   |g_111| (0.008 1/Å per step), rotation -35°, thickness 800 Å, Voigt PSF sigma 2.0 / gamma 0.1
@@ -73,12 +73,12 @@ sg_strong = 0.03
 
 def cbed(si) -> None:
     m = truth_model(si)
-    pg = PatternGeometry(m.geometry, "cbed", gl_px=240.0, rotation_deg=20.0, centre_px=(205.3, 262.7),
+    pg = PatternGeometry(m.geometry, "cbed", gl_px=360.0, rotation_deg=20.0, centre_px=(285.3, 377.7),
                          tilt0=tuple(m.geometry.kt_from_xy(*TILT0_XY)))
     disks = [(-1, 1, 1), (0, 0, 0), G1, G2]
     eff = Effects(scale=4.0e5, background=[400.0, 600.0, 550.0, 700.0], noise="poisson", seed=11)
     t0 = time.time()
-    counts, ideal, var, truth = make_cbed(m, pg, (330, 800), disks, 3000.0, disk_radius_px=30.0, eff=eff)
+    counts, ideal, var, truth = make_cbed(m, pg, (440, 1130), disks, 3000.0, disk_radius_px=30.0, eff=eff)
     print(f"CBED: {time.time() - t0:.0f} s, counts {counts.min():.0f}..{counts.max():.0f}, "
           f"median in disks {np.median(counts[ideal > 0]):.0f}")
     folder = HERE / "si_cbed"
@@ -93,9 +93,9 @@ file = "{files['pattern']}"
 detector = {{gain = 1.0, mixing = 1.0, A = 1.0, delta = 0.0, background_variance = 1.0}}
 
 [geometry]
-gl_px = 240.0
+gl_px = 360.0
 rotation_deg = 20.0
-centre_px = [205.3, 262.7]
+centre_px = [285.3, 377.7]
 tilt0_xy_invA = [{TILT0_XY[0]}, {TILT0_XY[1]}]
 
 [roi]

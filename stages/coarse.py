@@ -253,12 +253,18 @@ class _Template:
     mask: np.ndarray  # (nd, n, n) bool
 
 
-def _sample_template(pattern, pg: PatternGeometry, fld: SimField, radius_px, images=None,
-                     counters: Counters | None = None) -> _Template:
+def _sample_template(pg: PatternGeometry, fld: SimField, images, radius_px, shift=(0.0, 0.0),
+                     counters: Counters | None = None, check: bool = True) -> _Template:
+    """Experimental values at the template tilts of ``fld`` as placed by ``pg``, moved by ``shift``.
+
+    ``shift`` (sx, sy) [field px]: the sample compared with the simulation at template tilt K is
+    the pixel ``pg`` assigns to K - p (sx e_x - sy e_y), i.e. the experiment displaced as the
+    correlation peak at that shift says.
+    """
     disks = fld.disks
-    images = images if images is not None else _images(pattern, pg, disks)
-    kt = fld.template_tilts()
-    xy = pg.tilt_to_display(kt)
+    xy = pg.tilt_to_display(fld.template_tilts())
+    f = fld.tilt_per_px_invA / pg.pixel_size_invA
+    xy = xy - f * np.asarray(shift, float)[None, :]
     n = fld.n_template
     vals = np.full((len(disks), n * n), np.nan)
     mask = np.zeros((len(disks), n * n), bool)
@@ -270,14 +276,38 @@ def _sample_template(pattern, pg: PatternGeometry, fld: SimField, radius_px, ima
         ok &= inside
         vals[d, ok] = v[ok]
         mask[d] = ok
-    for d, h in enumerate(disks):
-        if mask[d].sum() < 3:
-            raise QcbedInputError("coarse", f"disk {' '.join(map(str, h))}: fewer than 3 template samples are on valid "
-                                  "pixels (masked, unrecorded, or outside the pattern)",
-                                  "move or shrink the template (box_px, radius_px) or check the geometry")
+    if check:
+        for d, h in enumerate(disks):
+            if mask[d].sum() < 3:
+                raise QcbedInputError("coarse", f"disk {' '.join(map(str, h))}: fewer than 3 template samples are on "
+                                      "valid pixels (masked, unrecorded, or outside the pattern)",
+                                      "move or shrink the template (box_px, radius_px) or check the geometry")
     if counters is not None:
         counters.template_samplings += 1
     return _Template(vals.reshape(len(disks), n, n), mask.reshape(len(disks), n, n))
+
+
+def _ncc_direct(tpl: _Template, S: np.ndarray, background: str) -> tuple[float, np.ndarray]:
+    """Joint NCC (per-disk or joint means) and each disk's own NCC of a template against S (nd, n, n)."""
+    m = tpl.mask
+    nd_ = m.sum(axis=(1, 2)).astype(float)
+    if np.any(nd_ < 2):
+        return -1.0, np.zeros(len(m))
+    T = np.where(m, tpl.values, 0.0)
+    Sm = np.where(m, S, 0.0)
+    Tz_d = (T - (T.sum(axis=(1, 2)) / nd_)[:, None, None]) * m
+    Sz_d = (Sm - (Sm.sum(axis=(1, 2)) / nd_)[:, None, None]) * m
+    num_d = (Tz_d * Sz_d).sum(axis=(1, 2))
+    t2_d, s2_d = (Tz_d**2).sum(axis=(1, 2)), (Sz_d**2).sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per = np.where(t2_d * s2_d > 0, num_d / np.sqrt(t2_d * s2_d), 0.0)
+        if background == "per_disk":
+            joint = num_d.sum() / np.sqrt(t2_d.sum() * s2_d.sum())
+        else:
+            Tz = (T - T.sum() / nd_.sum()) * m
+            Sz = (Sm - Sm.sum() / nd_.sum()) * m
+            joint = (Tz * Sz).sum() / np.sqrt((Tz**2).sum() * (Sz**2).sum())
+    return (float(joint) if np.isfinite(joint) else -1.0), per
 
 
 # ------------------------------------------------------------------------------ correlation
@@ -384,7 +414,7 @@ def _peak(c: np.ndarray) -> _Peak:
 
 # ------------------------------------------------------------------------------ evaluation helpers
 class _ThicknessObjective:
-    """Peak NCC as a function of thickness, from one field and one template (memoised)."""
+    """Peak NCC on the shift grid as a function of thickness, from one field and one template (memoised)."""
 
     def __init__(self, fld: SimField, matcher: _Matcher, counters: Counters):
         self.fld, self.matcher, self.counters = fld, matcher, counters
@@ -407,24 +437,28 @@ class _ThicknessObjective:
         return 1.0 - self.many([t])[0].value
 
 
-def _auto_scan(fld: SimField, lo: float, hi: float) -> int:
-    """Thicknesses for the scan: spacing 1/(4 max|s_g|) over the field and the disks (a thickness
-    error δt moves the fringes of a beam with excitation error s by s δt of a period), 15-121."""
+def _auto_scan(fld: SimField, lo: float, hi: float) -> tuple[int, float]:
+    """Thicknesses for the scan, and max|s_g| [1/Å] over the template tilts and the disks.
+
+    Spacing 1/(4 max|s_g|): a thickness error δt moves the fringes of a beam with excitation error
+    s by s δt of a period.  15-121 thicknesses.
+    """
     geo = fld.model.geometry
     h = fld.disks[np.any(fld.disks != 0, axis=1)]
     if len(h) == 0:
-        return 25
-    kt = fld.template_tilts()
-    s = geo.excitation_errors(geo.incident(kt), geo.crystal.recip_to_cart(h))
+        return 25, 0.0
+    s = geo.excitation_errors(geo.incident(fld.template_tilts()), geo.crystal.recip_to_cart(h))
     smax = float(np.max(np.abs(s)))
     if not np.isfinite(smax) or smax <= 0:
-        return 25
+        return 25, 0.0
     n = int(np.ceil((hi - lo) * 4.0 * smax)) + 1
-    return int(np.clip(n, _SCAN_MIN, _SCAN_MAX))
+    return int(np.clip(n, _SCAN_MIN, _SCAN_MAX)), smax
 
 
 def _fit_thickness(obj: _ThicknessObjective, lo: float, hi: float, n_scan: int, xatol: float):
-    """Scan, then bounded Brent between the neighbours of the best scan point.  Returns (t, peak, scan, at_bound)."""
+    """Scan, then bounded Brent between the neighbours of the best scan point.
+
+    Returns (t, peak, scan, at_bound, spacing)."""
     ts = np.linspace(lo, hi, max(int(n_scan), 3))
     peaks = obj.many(ts)
     vals = np.array([p.value for p in peaks])
@@ -434,8 +468,75 @@ def _fit_thickness(obj: _ThicknessObjective, lo: float, hi: float, n_scan: int, 
     t_best = float(res.x)
     if 1.0 - float(res.fun) < vals[k]:
         t_best = float(ts[k])
-    at_bound = (k == 0 or k == len(ts) - 1) and min(abs(t_best - lo), abs(t_best - hi)) < 0.5 * (ts[1] - ts[0])
-    return t_best, obj.many([t_best])[0], {"thickness_A": ts, "ncc": vals}, bool(at_bound)
+    spacing = float(ts[1] - ts[0])
+    at_bound = (k == 0 or k == len(ts) - 1) and min(abs(t_best - lo), abs(t_best - hi)) < 0.5 * spacing
+    return t_best, obj.many([t_best])[0], {"thickness_A": ts, "ncc": vals}, bool(at_bound), spacing
+
+
+class _Polish:
+    """Continuous maximisation of the NCC over thickness, gl and shift (Nelder-Mead).
+
+    The shift grid of the FFT search is the field's step, and a correlation peak that is narrow
+    across and long along a ridge (a pattern of nearly parallel lines) is poorly placed from grid
+    values.  Here the simulation stays on its grid (the template window, exact tilts) and the
+    experiment is resampled at the continuously shifted pixels, as in the fine refinement.
+    """
+
+    def __init__(self, fld: SimField, pg: PatternGeometry, images, radius_px, background: str, counters: Counters):
+        self.fld, self.pg, self.images, self.radius = fld, pg, images, radius_px
+        self.background, self.counters = background, counters
+        self.windows: dict[float, np.ndarray] = {}
+
+    def window(self, t: float) -> np.ndarray:
+        t = float(t)
+        if t not in self.windows:
+            ns, n = self.fld.n_search, self.fld.n_template
+            self.windows[t] = self.fld.intensities([t])[0][:, ns:ns + n, ns:ns + n]
+            self.counters.intensity_evaluations += 1
+            if len(self.windows) > 256:
+                self.windows.pop(next(iter(self.windows)))
+        return self.windows[t]
+
+    def ncc(self, t: float, gl: float | None, shift) -> tuple[float, np.ndarray]:
+        pg = self.pg if gl is None else self.pg.with_(gl_px=float(gl))
+        tpl = _sample_template(pg, self.fld, self.images, self.radius, shift, self.counters, check=False)
+        return _ncc_direct(tpl, self.window(t), self.background)
+
+    def run(self, t0: float, shift0, *, t_scale: float | None = None, t_bounds=None, gl0: float | None = None,
+            gl_scale: float | None = None, gl_bounds=None, maxiter: int = 400):
+        """Start at (t0, [gl0], shift0 [field px]); ``t_scale``/``gl_scale`` None hold them fixed.
+
+        Returns (t, gl, shift (sx, sy) field px, ncc, per-disk ncc)."""
+        step = self.fld.step_px
+        lim = (self.fld.n_search + 0.5) * step
+        names, x0, scale, bounds = [], [], [], []
+        if t_scale is not None:
+            names.append("t"); x0.append(t0); scale.append(t_scale); bounds.append(t_bounds)
+        if gl_scale is not None:
+            names.append("gl"); x0.append(gl0); scale.append(gl_scale); bounds.append(gl_bounds)
+        names += ["sx", "sy"]
+        x0 += [float(shift0[0]), float(shift0[1])]
+        scale += [step, step]
+        bounds += [(-lim, lim), (-lim, lim)]
+        x0, scale = np.array(x0, float), np.array(scale, float)
+        nb = [((lo - c) / s, (hi - c) / s) for lo, hi, c, s in zip([b[0] for b in bounds], [b[1] for b in bounds], x0, scale)]
+
+        def unpack(u):
+            v = dict(zip(names, x0 + scale * np.asarray(u)))
+            return v.get("t", t0), v.get("gl", gl0), (v["sx"], v["sy"])
+
+        def f(u):
+            t, gl, sh = unpack(u)
+            return 1.0 - self.ncc(t, gl, sh)[0]
+
+        k = len(names)
+        simplex = np.vstack([np.zeros(k), 0.5 * np.eye(k)])
+        res = minimize(f, np.zeros(k), method="Nelder-Mead", bounds=nb,
+                       options={"initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-10, "maxiter": maxiter})
+        u = res.x if res.fun <= f(np.zeros(k)) else np.zeros(k)
+        t, gl, sh = unpack(u)
+        joint, per = self.ncc(t, gl, sh)
+        return float(t), (None if gl is None else float(gl)), (float(sh[0]), float(sh[1])), joint, per
 
 
 def _check_bracket(bracket, name: str, positive: bool = True) -> tuple[float, float]:
@@ -449,10 +550,14 @@ def _check_bracket(bracket, name: str, positive: bool = True) -> tuple[float, fl
     return lo, hi
 
 
-def _shifted(pg: PatternGeometry, fld: SimField, pos) -> tuple[PatternGeometry, tuple[float, float]]:
-    """Geometry with tilt0 moved by the correlation peak at map index ``pos``; and the shift in pg's display px."""
-    sy = (pos[0] - fld.n_search) * fld.step_px
-    sx = (pos[1] - fld.n_search) * fld.step_px
+def _grid_shift(fld: SimField, pos) -> tuple[float, float]:
+    """Map index (row, col) of the correlation -> shift (sx, sy) [field px]."""
+    return ((pos[1] - fld.n_search) * fld.step_px, (pos[0] - fld.n_search) * fld.step_px)
+
+
+def _shifted(pg: PatternGeometry, fld: SimField, shift) -> tuple[PatternGeometry, tuple[float, float]]:
+    """Geometry with tilt0 moved by the correlation shift (sx, sy) [field px]; and that shift in pg's display px."""
+    sx, sy = shift
     geo = pg.geometry
     p = fld.tilt_per_px_invA
     d_cart = p * (sx * geo.e_x - sy * geo.e_y)
@@ -461,65 +566,74 @@ def _shifted(pg: PatternGeometry, fld: SimField, pos) -> tuple[PatternGeometry, 
     return pg.with_(tilt0=tuple(float(x) for x in tilt0)), (float(sx * f), float(sy * f))
 
 
-def _finish(model, pg, fld, matcher, t, peak, counters, t_start, params, scan, at_bound) -> CoarseResult:
-    S1 = fld.intensities([t])[0]
-    counters.intensity_evaluations += 1
-    per = matcher.per_disk(S1, peak.pos)
-    geom, shift = _shifted(pg, fld, peak.pos)
+def _result(model, pg, fld, t, shift, ncc, per, peak, counters, t_start, params, scan, at_bound) -> CoarseResult:
+    geom, shift_px = _shifted(pg, fld, shift)
     counters.wall_s = time.perf_counter() - t_start
-    return CoarseResult(thickness_A=float(t), geometry=geom, model=model, shift_px=shift, ncc=float(peak.value),
-                        ncc_per_disk=per, disks=fld.disks.copy(), params=params, counters=counters.as_dict(),
-                        scan=scan, at_edge=peak.at_edge, at_bound=bool(at_bound), field=fld)
+    return CoarseResult(thickness_A=float(t), geometry=geom, model=model, shift_px=shift_px, ncc=float(ncc),
+                        ncc_per_disk=np.asarray(per, float), disks=fld.disks.copy(), params=params,
+                        counters=counters.as_dict(), scan=scan, at_edge=peak.at_edge, at_bound=bool(at_bound), field=fld)
+
+
+def _field_for(model, pg, disks, box_px, search_px, step_px, field, counters) -> SimField:
+    if field is None:
+        return simulate_field(model, pg, disks, box_px, search_px, step_px, counters)
+    _check_field(field, model, disks, box_px, search_px, step_px)
+    return field
 
 
 # ------------------------------------------------------------------------------ 1. thickness + orientation
 def coarse_orientation_thickness(model: ForwardModel, pg: PatternGeometry, pattern, disks, box_px: float,
                                  search_px: float, thickness_bracket_A, step_px: float = 1.0, *,
                                  n_scan: int | None = None, radius_px: float | None = None,
-                                 background: str = "per_disk", xatol_A: float = 0.05,
+                                 background: str = "per_disk", xatol_A: float = 0.05, polish: bool = True,
                                  field: SimField | None = None) -> CoarseResult:
     """Thickness and orientation (tilt0) by template matching over one simulated tilt field.
 
     ``disks`` (nd, 3) compared together; ``box_px``: half-size of the template (display px about
-    the display origin: the 000-disk centre of every CBED disk, the tilt0 pixel for LARBED);
+    the display origin: the centre of every CBED disk, the tilt0 pixel for LARBED);
     ``search_px``: largest orientation error searched; ``thickness_bracket_A`` (low, high);
     ``step_px``: grid step (display px).  ``n_scan``: thicknesses of the coarse scan (default:
     automatic, 15-121, from the excitation errors); ``radius_px``: also exclude template points
-    farther than this from the origin (CBED: keep inside the disk); ``field``: a cached field of
-    this model, disks and grid (e.g. ``result.field``) to re-use instead of solving.
+    farther than this from the origin (CBED: keep inside the disk); ``polish``: finish with a
+    continuous maximisation over thickness and shift (:class:`_Polish`); ``field``: a cached field
+    of this model, disks and grid (e.g. ``result.field``) to re-use instead of solving.
 
-    One eigen-solution; each thickness only recomputes intensities.  Scan, then bounded Brent
+    One eigen-solution; each thickness only recomputes intensities.  For every thickness the
+    shift is the peak of the FFT correlation map (parabolic sub-pixel); scan, then bounded Brent
     around the best scan point minimising 1 - max NCC.
     """
     t_start = time.perf_counter()
     counters = Counters()
     lo, hi = _check_bracket(thickness_bracket_A, "thickness_bracket_A")
     disks = np.atleast_2d(np.asarray(disks, int))
-    if field is None:
-        fld = simulate_field(model, pg, disks, box_px, search_px, step_px, counters)
-    else:
-        _check_field(field, model, disks, box_px, search_px, step_px)
-        fld = field
-    tpl = _sample_template(pattern, pg, fld, radius_px, counters=counters)
-    matcher = _Matcher(tpl, fld.n_side, background)
+    fld = _field_for(model, pg, disks, box_px, search_px, step_px, field, counters)
+    images = _images(pattern, pg, disks)
+    matcher = _Matcher(_sample_template(pg, fld, images, radius_px, counters=counters), fld.n_side, background)
     obj = _ThicknessObjective(fld, matcher, counters)
-    n = _auto_scan(fld, lo, hi) if n_scan is None else int(n_scan)
-    t, peak, scan, at_bound = _fit_thickness(obj, lo, hi, n, xatol_A)
-    return _finish(model, pg, fld, matcher, t, peak, counters, t_start, {"thickness_A": t}, scan, at_bound)
+    n, _ = _auto_scan(fld, lo, hi)
+    n = n if n_scan is None else int(n_scan)
+    t, peak, scan, at_bound, spacing = _fit_thickness(obj, lo, hi, n, xatol_A)
+    pol = _Polish(fld, pg, images, radius_px, background, counters)
+    shift = _grid_shift(fld, peak.pos)
+    if polish:
+        t, _, shift, ncc, per = pol.run(t, shift, t_scale=0.25 * spacing, t_bounds=(lo, hi))
+    else:
+        ncc, per = pol.ncc(t, None, shift)
+    return _result(model, pg, fld, t, shift, ncc, per, peak, counters, t_start, {"thickness_A": t}, scan, at_bound)
 
 
 # ------------------------------------------------------------------------------ 2. gl
 def coarse_gl(model: ForwardModel, pg: PatternGeometry, pattern, disks, box_px: float, search_px: float,
               thickness_A: float, gl_bracket_px=None, step_px: float = 1.0, *, n_scan: int = 21,
               radius_px: float | None = None, background: str = "per_disk", xatol_px: float | None = None,
-              field: SimField | None = None) -> CoarseResult:
+              polish: bool = True, field: SimField | None = None) -> CoarseResult:
     """gl (camera length / tilt steps per |g_x|) at fixed thickness, maximising the same NCC.
 
     The simulated field stays fixed in tilt (one solve, or none with ``field``); each gl trial
     resamples the experiment at the pixels the trial geometry assigns to the template tilts, and
     the shift is re-optimised.  ``gl_bracket_px`` defaults to gl ± 5 %.  Scan (``n_scan``) then
-    bounded Brent (``xatol_px``, default 1e-5 gl).  The result's geometry has the fitted gl and the
-    orientation correction at that gl.
+    bounded Brent (``xatol_px``, default 1e-5 gl), then (``polish``) a continuous maximisation over
+    gl and shift.  The result's geometry has the fitted gl and the orientation correction at it.
     """
     t_start = time.perf_counter()
     counters = Counters()
@@ -529,36 +643,39 @@ def coarse_gl(model: ForwardModel, pg: PatternGeometry, pattern, disks, box_px: 
     if not np.isfinite(t) or t < 0:
         raise QcbedInputError("coarse.thickness_A", f"must be a thickness >= 0 Å, got {thickness_A!r}")
     disks = np.atleast_2d(np.asarray(disks, int))
-    if field is None:
-        fld = simulate_field(model, pg, disks, box_px, search_px, step_px, counters)
-    else:
-        _check_field(field, model, disks, box_px, search_px, step_px)
-        fld = field
+    fld = _field_for(model, pg, disks, box_px, search_px, step_px, field, counters)
     images = _images(pattern, pg, disks)
     S = fld.intensities([t])
     counters.intensity_evaluations += 1
-    memo: dict[float, tuple[_Peak, _Matcher]] = {}
+    memo: dict[float, _Peak] = {}
 
-    def evaluate(gl: float):
+    def evaluate(gl: float) -> _Peak:
         gl = float(gl)
         if gl not in memo:
-            tpl = _sample_template(pattern, pg.with_(gl_px=gl), fld, radius_px, images, counters)
-            m = _Matcher(tpl, fld.n_side, background)
-            memo[gl] = (_peak(m.maps(S)[0]), m)
+            tpl = _sample_template(pg.with_(gl_px=gl), fld, images, radius_px, counters=counters)
+            memo[gl] = _peak(_Matcher(tpl, fld.n_side, background).maps(S)[0])
             counters.ncc_maps += 1
         return memo[gl]
 
     gls = np.linspace(lo, hi, max(int(n_scan), 3))
-    vals = np.array([evaluate(g)[0].value for g in gls])
+    vals = np.array([evaluate(g).value for g in gls])
     k = int(np.argmax(vals))
     a, b = gls[max(k - 1, 0)], gls[min(k + 1, len(gls) - 1)]
     xatol = 1e-5 * gl0 if xatol_px is None else float(xatol_px)
-    res = minimize_scalar(lambda g: 1.0 - evaluate(g)[0].value, bounds=(a, b), method="bounded",
-                          options={"xatol": xatol})
+    res = minimize_scalar(lambda g: 1.0 - evaluate(g).value, bounds=(a, b), method="bounded", options={"xatol": xatol})
     gl_best = float(res.x) if 1.0 - float(res.fun) >= vals[k] else float(gls[k])
-    peak, matcher = evaluate(gl_best)
-    at_bound = (k == 0 or k == len(gls) - 1) and min(gl_best - lo, hi - gl_best) < 0.5 * (gls[1] - gls[0])
-    return _finish(model, pg.with_(gl_px=gl_best), fld, matcher, t, peak, counters, t_start,
+    peak = evaluate(gl_best)
+    spacing = float(gls[1] - gls[0])
+    pol = _Polish(fld, pg, images, radius_px, background, counters)
+    pg_best = pg.with_(gl_px=gl_best)
+    shift = _grid_shift(fld, peak.pos)
+    if polish:
+        _, gl_best, shift, ncc, per = pol.run(t, shift, gl0=gl_best, gl_scale=0.25 * spacing, gl_bounds=(lo, hi))
+        pg_best = pg.with_(gl_px=gl_best)
+    else:
+        ncc, per = pol.ncc(t, gl_best, shift)
+    at_bound = (k == 0 or k == len(gls) - 1) and min(gl_best - lo, hi - gl_best) < 0.5 * spacing
+    return _result(model, pg_best, fld, t, shift, ncc, per, peak, counters, t_start,
                    {"gl_px": gl_best, "thickness_A": t}, {"gl_px": gls, "ncc": vals}, at_bound)
 
 
@@ -573,7 +690,10 @@ def _rebuilt(model: ForwardModel, *, hv_kV: float | None = None, crystal=None) -
 
 
 class _PhysicsObjective:
-    """1 - NCC maximised over shift and (in a narrow bracket) thickness, for a model built per trial."""
+    """1 - NCC maximised over shift and (in a narrow bracket) thickness, for a model built per trial.
+
+    Per trial: one field solve; thickness scan + Brent on the shift grid; then the continuous
+    polish over thickness and shift, whose NCC is the objective (smooth in the parameter)."""
 
     def __init__(self, build, pg, pattern, disks, box_px, search_px, step_px, thickness_A, thickness_rel,
                  n_thickness, radius_px, background, counters):
@@ -584,9 +704,11 @@ class _PhysicsObjective:
         if not np.isfinite(self.t0) or self.t0 <= 0:
             raise QcbedInputError("coarse.thickness_A", f"must be a positive thickness in Å, got {thickness_A!r}")
         self.rel = float(thickness_rel)
+        if not np.isfinite(self.rel) or not 0 <= self.rel < 1:
+            raise QcbedInputError("coarse.thickness_rel", f"must lie in [0, 1), got {thickness_rel!r}")
         self.n_t = int(n_thickness)
         self.radius, self.background, self.counters = radius_px, background, counters
-        self.matcher = None
+        self.images = _images(pattern, pg, self.disks)
         self.memo: dict[tuple, tuple] = {}
         self.trace: list[tuple] = []
 
@@ -596,33 +718,35 @@ class _PhysicsObjective:
             return self.memo[key]
         model, pg = self.build(*key)
         fld = simulate_field(model, pg, self.disks, self.box, self.search, self.step, self.counters)
-        if self.matcher is None:  # the experimental sampling does not depend on these parameters
-            tpl = _sample_template(self.pattern, pg, fld, self.radius, counters=self.counters)
-            self.matcher = _Matcher(tpl, fld.n_side, self.background)
-        obj = _ThicknessObjective(fld, self.matcher, self.counters)
+        matcher = _Matcher(_sample_template(pg, fld, self.images, self.radius, counters=self.counters), fld.n_side,
+                           self.background)
+        obj = _ThicknessObjective(fld, matcher, self.counters)
+        pol = _Polish(fld, pg, self.images, self.radius, self.background, self.counters)
         if self.rel > 0:
             lo, hi = self.t0 * (1 - self.rel), self.t0 * (1 + self.rel)
-            t, peak, _, _ = _fit_thickness(obj, lo, hi, self.n_t, xatol=1e-4 * self.t0)
+            t, peak, _, _, spacing = _fit_thickness(obj, lo, hi, self.n_t, xatol=1e-4 * self.t0)
+            t, _, shift, ncc, per = pol.run(t, _grid_shift(fld, peak.pos), t_scale=0.25 * spacing, t_bounds=(lo, hi))
         else:
             t, peak = self.t0, obj.many([self.t0])[0]
-        out = (model, pg, fld, t, peak)
+            t, _, shift, ncc, per = pol.run(t, _grid_shift(fld, peak.pos))
+        out = (model, pg, fld, t, shift, ncc, per, peak)
         self.memo[key] = out
-        self.trace.append((*key, t, peak.value))
+        self.trace.append((*key, t, ncc))
         return out
 
     def __call__(self, x) -> float:
-        return 1.0 - self.evaluate(x)[4].value
+        return 1.0 - self.evaluate(x)[5]
 
 
 def _physics_result(obj: _PhysicsObjective, x_best, params, t_start, at_bound) -> CoarseResult:
-    model, pg, fld, t, peak = obj.evaluate(x_best)
+    model, pg, fld, t, shift, ncc, per, peak = obj.evaluate(x_best)
     tr = np.array(obj.trace, float)
     names = list(params)
     scan = {"trace_" + n: tr[:, i] for i, n in enumerate(names[: tr.shape[1] - 2])}
     scan.update({"trace_thickness_A": tr[:, -2], "ncc": tr[:, -1]})
     params = dict(params)
     params["thickness_A"] = t
-    return _finish(model, pg, fld, obj.matcher, t, peak, obj.counters, t_start, params, scan, at_bound)
+    return _result(model, pg, fld, t, shift, ncc, per, peak, obj.counters, t_start, params, scan, at_bound)
 
 
 def coarse_voltage(model: ForwardModel, pg: PatternGeometry, pattern, disks, box_px: float, search_px: float,

@@ -66,7 +66,7 @@ class ForwardModel:
         return solve(self.geometry, self.potential, beams, kt, out_hkl, self.method,
                      coupling_matrices(self.potential, beams))
 
-    def solve_tiled(self, kt, out_hkl, tile_invA: float | None = None) -> TiledSolution:
+    def solve_tiled(self, kt, out_hkl, tile_invA: float | None = None, beam_cache: dict | None = None) -> TiledSolution:
         """Solve many tilts in square tiles of side ``tile_invA`` [Å^-1] in the zone plane.
 
         Each tile has its own beam set, selected for every tilt within the circle circumscribing the
@@ -74,7 +74,9 @@ class ForwardModel:
         for a tilt never depends on which other tilts are solved with it, and a wide tilt range
         (LARBED) does not make every beam strong everywhere.  Tile centres lie on a grid through
         kt = 0, so an exact zone axis is a tile centre and keeps its symmetry.  ``out_hkl`` are the
-        output beams of every tile.
+        output beams of every tile.  ``beam_cache`` (a dict kept by the caller) reuses each tile's
+        beam set across calls: a refinement selects beams once, at its starting structure factors,
+        so its objective is smooth (the selection thresholds involve |U_g|).
         """
         tile = self.tile_invA if tile_invA is None else float(tile_invA)
         kt = np.atleast_2d(np.asarray(kt, float))
@@ -88,8 +90,13 @@ class ForwardModel:
         parts = []
         for t, (cx, cy) in enumerate(cells):
             idx = np.nonzero(tile_id == t)[0]
-            centre = geo.kt_from_xy(cx * tile, cy * tile)[None, :]
-            beams = self.beams(centre, out, radius_invA=tile / np.sqrt(2))
+            key = (int(cx), int(cy), tile, out.tobytes())
+            beams = None if beam_cache is None else beam_cache.get(key)
+            if beams is None:
+                centre = geo.kt_from_xy(cx * tile, cy * tile)[None, :]
+                beams = self.beams(centre, out, radius_invA=tile / np.sqrt(2))
+                if beam_cache is not None:
+                    beam_cache[key] = beams
             parts.append((idx, solve(geo, self.potential, beams, kt[idx], out, self.method,
                                      coupling_matrices(self.potential, beams))))
         return TiledSolution(n_tilts=len(kt), out_hkl=out, parts=parts)

@@ -36,7 +36,7 @@ def _prepare(name):
 
 def test_cbed_example_agrees_with_truth():
     cfg, model, truth, pattern, roi = _prepare("si_cbed")
-    assert pattern.intensity.shape == (330, 800) and pattern.attrs["kind"] == "cbed"
+    assert pattern.intensity.shape == (440, 1130) and pattern.attrs["kind"] == "cbed"
     assert roi.attrs["n_points_valid"] == 4 * 190
     t = truth["thickness_A"]
     assert C.thickness_of(cfg) == t == 3000.0
@@ -81,7 +81,7 @@ def test_prepare_command(tmp_path, capsys):
 def test_bad_config(tmp_path):
     bad = tmp_path / "c.toml"
     text = (DATA / "si_cbed" / "config.toml").read_text().replace('file = "../si.cif"', f'file = "{DATA / "si.cif"}"')
-    bad.write_text(text.replace("gl_px = 240.0", "gl_px = -240.0"))
+    bad.write_text(text.replace("gl_px = 360.0", "gl_px = -360.0"))
     cfg = C.load_config(bad)
     with pytest.raises(QcbedInputError, match="geometry.gl_px"):
         C.pattern_geometry(cfg, C.forward_model(cfg))
