@@ -143,15 +143,19 @@ centre_px = [31.7, 32.2]
 tilt0_xy_invA = [{TILT0_XY[0]}, {TILT0_XY[1]}]
 
 [roi]
-# the central 40 x 40 tilt steps sampled every 2 steps (21 x 21 points); padding 5 points
-# (10 steps, 5 sigma of the PSF) for the convolution
-regions = [{{corners = [[-20.0, -20.0], [20.0, -20.0], [-20.0, 20.0]], samples = [21, 21]}}]
-padding = 5
+# the central 21 x 21 tilts, one sample per tilt step (the PSF convolution needs the data's own
+# step: sampled every 2 steps it biased U_111 by 1%); padding 9 steps (4.5 sigma of the PSF)
+regions = [{{corners = [[-10.0, -10.0], [10.0, -10.0], [-10.0, 10.0]], samples = [21, 21]}}]
+padding = 9
 
 [refine]
 gof = "Chi2_LARBED"
-reflections = [{{hkl = [1, -1, -1], refine = ["U"], range_percent = 5}}]
-geometry = ["thickness", "gl", "rotation", "shift", "psf"]
+reflections = [
+  {{hkl = [1, -1, -1], refine = ["U"], range_percent = 5}},
+  {{hkl = [2, -2, -2], refine = ["U"], U_range = [-2.0e-3, 0.0]}},
+]
+# gl and rotation of a LARBED scan come from its calibration; refine the rest
+geometry = ["thickness", "shift", "psf"]
 psf_sigma = 1.5
 psf_gamma = 0.05
 """)

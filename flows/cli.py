@@ -13,6 +13,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 REPO_DATA = Path(__file__).resolve().parent.parent / "data"
@@ -276,8 +277,16 @@ def cmd_refine(args) -> int:
         problem.thickness0 = float(args.thickness)
     r = cfg.section("refine")
     start = {p.label: p.x0 for p in problem.sf}
+    t0 = time.perf_counter()
+
+    def progress(it, simplex, fsim, best):
+        vals = " ".join(f"{p.label}={v:.6g}" for p, v in zip(problem.sf, best))
+        print(f"  iteration {it:4d}  {problem.gof.name} {fsim[0]:.5g}  {vals}  "
+              f"({problem.counters['eigen_solves']} solves, {time.perf_counter() - t0:.0f} s)", flush=True)
+
     res = refine(problem, max_iterations=args.max_iterations or int(r.get("max_iterations", 200)),
-                 initial_step=float(r.get("initial_step", 0.1)), xatol=float(r.get("xatol", 1e-4)))
+                 initial_step=float(r.get("initial_step", 0.1)), xatol=float(r.get("xatol", 1e-4)),
+                 callback=None if args.quiet else progress)
     out = Path(args.results) / run_name(cfg.path)
     record = {
         "config": str(cfg.path), "gof_name": problem.gof.name, "gof_start": res.gof_start, "gof": res.gof,
@@ -373,6 +382,7 @@ def make_parser() -> argparse.ArgumentParser:
     rf.add_argument("--results", default="results", help="results folder (default: results)")
     rf.add_argument("--max-iterations", type=int, help="outer iterations (default: refine.max_iterations or 200)")
     rf.add_argument("--thickness", type=float, metavar="A", help="starting thickness in Å (default: simulation.thickness_A)")
+    rf.add_argument("-q", "--quiet", action="store_true", help="no per-iteration progress")
     rf.set_defaults(func=cmd_refine)
 
     d = sub.add_parser("demo", help="run the shipped example end to end into results/",

@@ -56,12 +56,11 @@ def test_larbed_example_agrees_with_truth():
 
     cfg, model, truth, pattern, roi = _prepare("si_larbed")
     assert pattern.intensity.shape == (5, 64, 64) and "variance" in pattern
-    n = 21 + 2 * 5
+    n = 21 + 2 * 9
     kt = roi.kt.values
     sim = simulate(model, [truth["thickness_A"]], kt=kt, out_hkl=np.stack([roi.h, roi.k, roi.l], 1)).intensity.values[:, 0, :].T
     eff = truth["effects"]
-    # the ROI samples every 2nd tilt step: the kernel is sampled at that step (5 points = 10 steps)
-    blurred = convolve_valid(sim.reshape(5, n, n), voigt_kernel(eff["psf_sigma_px"] / 2, eff["psf_gamma_px"] / 2, radius_px=5))
+    blurred = convolve_valid(sim.reshape(5, n, n), voigt_kernel(eff["psf_sigma_px"], eff["psf_gamma_px"], radius_px=9))
     inner = roi.inner.values
     model_counts = eff["scale"] * blurred.reshape(5, -1) + eff["background"]
     resid = (roi.intensity.values[:, inner] - model_counts) / np.sqrt(roi.variance.values[:, inner])
@@ -73,7 +72,7 @@ def test_prepare_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "larbed 5x64x64" in out and "41x41" not in out
     roi = xr.open_zarr(tmp_path / "si_larbed" / "roi.zarr", consolidated=False)
-    assert roi.sizes["point"] == 31 * 31 and int(roi.inner.sum()) == 21 * 21
+    assert roi.sizes["point"] == 39 * 39 and int(roi.inner.sum()) == 21 * 21
     pat = xr.open_zarr(tmp_path / "si_larbed" / "pattern.zarr", consolidated=False)
     assert list(pat.h.values) == [0, 1, -1, 2, -2]
 
