@@ -158,6 +158,8 @@ reflections = [
 geometry = ["thickness", "shift", "psf"]
 psf_sigma = 1.5
 psf_gamma = 0.05
+# normalised simplex tolerance: 1e-3 of the ranges (5e-6 on U_111, 2e-6 on U_222)
+xatol = 1e-3
 """)
 
 

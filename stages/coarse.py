@@ -9,36 +9,45 @@ and the pattern Dataset of :mod:`stages.load`; the pipeline wraps them in a stag
 ``step_px`` display pixels, half-size ``box_px + search_px``, solved once
 (:func:`simulate_field`: one ``solve_tiled`` over every grid tilt, output beams = the disks).
 Its central ``(2 box + 1)^2`` window is the *template*: the tilts at which the experiment is
-compared.  Every thickness trial recomputes intensities from the cached eigen-solution.
+compared.  Every thickness trial recomputes intensities from the cached eigen-solution.  An
+optional point spread (``psf_px`` = Voigt sigma, gamma in display px; LARBED) blurs the field.
 
 **Template.**  For a geometry ``pg`` the experimental value of disk g at template tilt K is the
 pattern sampled (cubic convolution, :func:`~stages.physics.sampling.cubic_sample`) at the pixel
-that ``pg`` assigns to K: ``pg.display_to_pixel(pg.tilt_to_display(K), g)``.  With the field built
-from ``pg`` these are just the display grid points; with another gl or tilt0 (gl fit, re-use of a
-field) the sampling moves and the simulation stays fixed in tilt (DESIGN.md: geometry changes
-resample the experiment, they never re-solve).  Samples whose 4x4 support touches an invalid
-pixel, or outside ``radius_px`` of the display origin (CBED: keep the template inside the disk),
-are excluded from the correlation.
+that ``pg`` assigns to K: ``pg.display_to_pixel(pg.tilt_to_display(K), g)`` (with the field built
+from ``pg``: the display grid points).  Samples whose 4x4 support touches an invalid pixel, or
+farther than ``radius_px`` from the display origin (CBED: keep the template inside the disk), are
+excluded.  A gl trial resamples the experiment (the CBED disk centres move with gl); the
+simulation stays fixed in tilt (DESIGN.md: geometry never re-solves).
 
-**Correlation.**  For a shift s (field pixels) the joint zero-mean normalised cross-correlation of
-the stacked disks
+**Correlation.**  For a shift m (field grid steps) the joint zero-mean normalised
+cross-correlation of the stacked disks
 
-    NCC(s) = Σ_d Σ_u m_d(u) (T_d(u) - <T_d>) (S_d(u+s) - <S_d>_s)
-             / sqrt(Σ_d Σ_u m_d (T_d - <T_d>)^2 · Σ_d Σ_u m_d (S_d(u+s) - <S_d>_s)^2)
+    NCC(m) = Σ_d Σ_u w_d(u) (T_d(u) - <T_d>) (S_d(u+m) - <S_d>_m)
+             / sqrt(Σ_d Σ_u w_d (T_d - <T_d>)^2 · Σ_d Σ_u w_d (S_d(u+m) - <S_d>_m)^2)
 
-with m_d the template mask; means are per disk (``background="per_disk"``, default: the Pearson
+with w_d the template mask; means per disk (``background="per_disk"``, default: the Pearson
 correlation of a model c·S + b_d with one scale and one background per disk, as
 Chi2_multibackground) or over the whole stack (``"joint"``, PyExtal's 3-D ``match_template``: one
-scale, one background).  All shifts at once by FFT (the masked correlation of Padfield, IEEE TIP
-21 (2012) 2706, simplified because the simulated field has no invalid pixels); the peak is
-refined to sub-pixel by a parabola through its neighbours in each axis.  Its value is the
-objective: 1 - NCC is minimised by Brent.
+scale, one background).  Every grid shift at once by FFT (the masked correlation of Padfield,
+IEEE TIP 21 (2012) 2706, simplified because the simulated field has no invalid pixels); the peak
+is refined by a parabola through its neighbours on each axis, and 1 - (that value) is the
+objective of the scan + bounded Brent (scipy ``minimize_scalar``) over thickness or gl.
 
-**Orientation.**  A peak at shift s means that the experimental sample ``pg`` places at tilt K
-truly belongs to K + p s (p: tilt per field pixel).  The result's geometry has
-``tilt0 + p s``; the experimental sampling, which does not depend on tilt0, is unchanged, so a
-repeated fit from the result finds s ≈ 0 (PyExtal moves tilt0 but not its tilt net, and a repeat
-double-counts the shift).
+**Polish.**  The grid places the shift only to a step, and a correlation peak narrow across and
+long along a ridge (a pattern of nearly parallel lines, e.g. a systematic row) is misplaced from
+grid values by up to several steps.  The fit therefore ends with a continuous maximisation
+(Nelder-Mead, restarted, from the best few grid maxima) over thickness (or gl) and shift, with the
+experimental samples fixed and the noise-free field interpolated by cubic splines.  (Moving the
+noisy samples instead changes how much noise their interpolation averages, and cubic convolution
+of the field low-passes sharp fringes by an amount that depends on the fraction: both bias the
+correlation toward half-step shifts.)
+
+**Orientation.**  A shift m means that the experimental sample ``pg`` places at tilt K truly
+belongs to K + p step (m_x e_x - m_y e_y) (p: tilt per field pixel).  The result's geometry has
+tilt0 moved by that amount; the experimental sampling, which does not depend on tilt0, is
+unchanged, so a repeated fit from the result finds m ≈ 0 (PyExtal moves tilt0 but not its tilt
+net, and a repeat double-counts the shift).
 
 **Physics that re-solves** (:func:`coarse_voltage`, :func:`coarse_debye_waller`,
 :func:`coarse_cell`): each trial rebuilds the ForwardModel, solves one field, and maximises the
@@ -47,8 +56,8 @@ U'_g overrides of the model are carried over (scaled by γ'/γ for a new voltage
 U = γ F/(πΩ)); PyExtal's ``resetugh`` silently dropped them.
 
 Counters in every result: ``eigen_solves`` (fields solved), ``tilts_solved``,
-``intensity_evaluations`` (thicknesses evaluated from cached solutions), ``ncc_maps`` (correlation
-maps: one per thickness/geometry trial), ``template_samplings``, ``wall_s``.
+``intensity_evaluations`` (thicknesses evaluated from cached solutions), ``ncc_maps`` (FFT
+correlation maps), ``template_samplings`` (experimental templates sampled), ``wall_s``.
 """
 
 from __future__ import annotations
@@ -59,12 +68,13 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import scipy.fft as sfft
+from scipy import ndimage as ndi
 from scipy.optimize import minimize, minimize_scalar
 
 from .errors import QcbedInputError
 from .physics import constants as K
 from .physics.pattern_geometry import PatternGeometry
-from .physics.sampling import cubic_sample
+from .physics.sampling import convolve_valid, cubic_sample, voigt_kernel
 from .simulate import ForwardModel, TiledSolution
 
 BACKGROUNDS = ("per_disk", "joint")
@@ -223,8 +233,9 @@ def _check_field(fld: SimField, model, disks, box_px, search_px, step_px) -> Non
     if not np.array_equal(fld.disks, np.atleast_2d(np.asarray(disks, int))):
         raise QcbedInputError("coarse.field", "was simulated for another list of disks", "pass field=None to re-solve")
     if (nb, ns) != (fld.n_box, fld.n_search) or not np.isclose(step, fld.step_px):
-        raise QcbedInputError("coarse.field", f"has box/search/step {fld.n_box * fld.step_px}/{fld.n_search * fld.step_px}"
-                              f"/{fld.step_px} px, not {box_px}/{search_px}/{step_px}", "use the field's values")
+        have = f"{fld.n_box * fld.step_px}/{fld.n_search * fld.step_px}/{fld.step_px}"
+        raise QcbedInputError("coarse.field", f"has box/search/step {have} px, not {box_px}/{search_px}/{step_px}",
+                              "use the field's values")
 
 
 # ------------------------------------------------------------------------------ template
@@ -247,107 +258,57 @@ def _images(pattern, pg: PatternGeometry, disks: np.ndarray):
     return out
 
 
-@dataclass
-class _Template:
-    values: np.ndarray  # (nd, n, n), NaN where excluded
-    mask: np.ndarray  # (nd, n, n) bool
-
-
-def _sample_template(pg: PatternGeometry, fld: SimField, images, radius_px, shift=(0.0, 0.0),
-                     counters: Counters | None = None, check: bool = True) -> _Template:
-    """Experimental values at the template tilts of ``fld`` as placed by ``pg``, moved by ``shift``.
-
-    ``shift`` (sx, sy) [field px]: the sample compared with the simulation at template tilt K is
-    the pixel ``pg`` assigns to K - p (sx e_x - sy e_y), i.e. the experiment displaced as the
-    correlation peak at that shift says.
-    """
-    disks = fld.disks
-    xy = pg.tilt_to_display(fld.template_tilts())
-    f = fld.tilt_per_px_invA / pg.pixel_size_invA
-    xy = xy - f * np.asarray(shift, float)[None, :]
-    n = fld.n_template
-    vals = np.full((len(disks), n * n), np.nan)
-    mask = np.zeros((len(disks), n * n), bool)
-    inside = np.ones(len(xy), bool) if radius_px is None else np.hypot(xy[:, 0], xy[:, 1]) <= float(radius_px)
-    for d, h in enumerate(disks):
-        img, ok_pix = images[d]
-        rc = pg.display_to_pixel(xy, h)
-        v, ok = cubic_sample(img, rc[:, 0], rc[:, 1], ok_pix)
-        ok &= inside
-        vals[d, ok] = v[ok]
-        mask[d] = ok
-    if check:
-        for d, h in enumerate(disks):
-            if mask[d].sum() < 3:
-                raise QcbedInputError("coarse", f"disk {' '.join(map(str, h))}: fewer than 3 template samples are on "
-                                      "valid pixels (masked, unrecorded, or outside the pattern)",
-                                      "move or shrink the template (box_px, radius_px) or check the geometry")
-    if counters is not None:
-        counters.template_samplings += 1
-    return _Template(vals.reshape(len(disks), n, n), mask.reshape(len(disks), n, n))
-
-
-def _ncc_direct(tpl: _Template, S: np.ndarray, background: str) -> tuple[float, np.ndarray]:
-    """Joint NCC (per-disk or joint means) and each disk's own NCC of a template against S (nd, n, n)."""
-    m = tpl.mask
-    nd_ = m.sum(axis=(1, 2)).astype(float)
+def _ncc_direct(T: np.ndarray, mask: np.ndarray, S: np.ndarray, background: str) -> tuple[float, np.ndarray]:
+    """Joint NCC (per-disk or joint means) and each disk's own NCC of T against S, both (nd, n), over mask."""
+    m = mask
+    nd_ = m.sum(axis=1).astype(float)
     if np.any(nd_ < 2):
         return -1.0, np.zeros(len(m))
-    T = np.where(m, tpl.values, 0.0)
+    Tm = np.where(m, T, 0.0)
     Sm = np.where(m, S, 0.0)
-    Tz_d = (T - (T.sum(axis=(1, 2)) / nd_)[:, None, None]) * m
-    Sz_d = (Sm - (Sm.sum(axis=(1, 2)) / nd_)[:, None, None]) * m
-    num_d = (Tz_d * Sz_d).sum(axis=(1, 2))
-    t2_d, s2_d = (Tz_d**2).sum(axis=(1, 2)), (Sz_d**2).sum(axis=(1, 2))
+    Tz_d = (Tm - (Tm.sum(axis=1) / nd_)[:, None]) * m
+    Sz_d = (Sm - (Sm.sum(axis=1) / nd_)[:, None]) * m
+    num_d = (Tz_d * Sz_d).sum(axis=1)
+    t2_d, s2_d = (Tz_d**2).sum(axis=1), (Sz_d**2).sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         per = np.where(t2_d * s2_d > 0, num_d / np.sqrt(t2_d * s2_d), 0.0)
         if background == "per_disk":
             joint = num_d.sum() / np.sqrt(t2_d.sum() * s2_d.sum())
         else:
-            Tz = (T - T.sum() / nd_.sum()) * m
+            Tz = (Tm - Tm.sum() / nd_.sum()) * m
             Sz = (Sm - Sm.sum() / nd_.sum()) * m
             joint = (Tz * Sz).sum() / np.sqrt((Tz**2).sum() * (Sz**2).sum())
     return (float(joint) if np.isfinite(joint) else -1.0), per
 
 
-# ------------------------------------------------------------------------------ correlation
 class _Matcher:
-    """Masked zero-mean NCC of a disk-stacked template against every window of the simulated field."""
+    """Masked zero-mean NCC of a disk-stacked template against every window of a field (FFT)."""
 
-    def __init__(self, tpl: _Template, n_side: int, background: str = "per_disk"):
-        if background not in BACKGROUNDS:
-            raise QcbedInputError("coarse.background", f"unknown mode {background!r}", f"use {' or '.join(BACKGROUNDS)}")
-        self.background = background
-        m = tpl.mask.astype(float)
-        v = np.where(tpl.mask, tpl.values, 0.0)
+    def __init__(self, values: np.ndarray, mask: np.ndarray, n_side: int, background: str = "per_disk"):
+        m = mask.astype(float)
+        v = np.where(mask, values, 0.0)
         nd, n, _ = m.shape
-        self.n_side, self.n_tpl, self.nd = n_side, n, nd
-        self.n_d = m.sum(axis=(1, 2))  # valid samples per disk
+        self.background, self.n_side, self.n_tpl, self.nd = background, n_side, n, nd
+        self.n_d = m.sum(axis=(1, 2))
         if background == "per_disk":
             tz = (v - (v.sum(axis=(1, 2)) / self.n_d)[:, None, None]) * m
         else:
             tz = (v - v.sum() / self.n_d.sum()) * m
         self.t2 = float((tz**2).sum())
-        self.t2_d = (tz**2).sum(axis=(1, 2))
-        # per-disk zero-mean template (for the per-disk NCC report)
-        self.tz_d = (v - (v.sum(axis=(1, 2)) / self.n_d)[:, None, None]) * m
         shape = (n_side, n_side)
         self.FT = np.conj(sfft.rfft2(tz, s=shape))
-        self.FTd = np.conj(sfft.rfft2(self.tz_d, s=shape))
         self.FM = np.conj(sfft.rfft2(m, s=shape))
         self.na = n_side - n + 1  # shifts per axis
 
     def _corr(self, F) -> np.ndarray:
-        out = sfft.irfft2(F, s=(self.n_side, self.n_side))
-        return out[..., : self.na, : self.na]
+        return sfft.irfft2(F, s=(self.n_side, self.n_side))[..., : self.na, : self.na]
 
     def maps(self, S: np.ndarray) -> np.ndarray:
-        """Joint NCC maps (B, na, na) for simulated fields S (B, nd, N, N)."""
+        """Joint NCC maps (B, na, na) for fields S (B, nd, N, N); map index (i, j) = shift (j, i) - n_search steps."""
         FS = sfft.rfft2(S)
-        FS2 = sfft.rfft2(S * S)
         num = self._corr((self.FT[None] * FS).sum(axis=1))
         s1 = self._corr(self.FM[None] * FS)  # (B, nd, na, na)
-        s2 = self._corr(self.FM[None] * FS2)
+        s2 = self._corr(self.FM[None] * sfft.rfft2(S * S))
         if self.background == "per_disk":
             var = (s2 - s1**2 / self.n_d[None, :, None, None]).sum(axis=1)
         else:
@@ -357,51 +318,33 @@ class _Matcher:
         ncc = num / np.sqrt(self.t2 * var)
         return np.where(np.isfinite(ncc), ncc, -1.0)
 
-    def per_disk(self, S1: np.ndarray, pos) -> np.ndarray:
-        """Each disk's own zero-mean NCC for one field S1 (nd, N, N) at shift ``pos`` (fractional map index)."""
-        FS = sfft.rfft2(S1)
-        num = self._corr(self.FTd * FS)
-        s1 = self._corr(self.FM * FS)
-        s2 = self._corr(self.FM * sfft.rfft2(S1 * S1))
-        var = s2 - s1**2 / self.n_d[:, None, None]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            c = num / np.sqrt(self.t2_d[:, None, None] * var)
-        c = np.where(np.isfinite(c), c, 0.0)
-        return np.array([_bilinear(cd, pos) for cd in c])
-
-
-def _bilinear(c: np.ndarray, pos) -> float:
-    i, j = pos
-    i0 = int(np.clip(np.floor(i), 0, c.shape[0] - 2)) if c.shape[0] > 1 else 0
-    j0 = int(np.clip(np.floor(j), 0, c.shape[1] - 2)) if c.shape[1] > 1 else 0
-    fi, fj = (i - i0 if c.shape[0] > 1 else 0.0), (j - j0 if c.shape[1] > 1 else 0.0)
-    i1, j1 = min(i0 + 1, c.shape[0] - 1), min(j0 + 1, c.shape[1] - 1)
-    return float((1 - fi) * (1 - fj) * c[i0, j0] + (1 - fi) * fj * c[i0, j1] + fi * (1 - fj) * c[i1, j0] + fi * fj * c[i1, j1])
-
 
 def _parabola(ym, y0, yp) -> tuple[float, float]:
     """Vertex offset (clipped to ±0.5) and the value there of the parabola through (-1, ym), (0, y0), (1, yp)."""
     a = 0.5 * (yp + ym) - y0
     b = 0.5 * (yp - ym)
     if a >= 0:  # not a maximum: keep the grid point
-        return 0.0, y0
+        return 0.0, float(y0)
     x = float(np.clip(-b / (2 * a), -0.5, 0.5))
     return x, float(a * x * x + b * x + y0)
 
 
 @dataclass(frozen=True)
 class _Peak:
-    pos: tuple[float, float]  # fractional map index (row, col)
+    shift: tuple[float, float]  # (mx, my) field grid steps, parabolic sub-step
     value: float
     at_edge: bool
+    starts: tuple = ()  # the best local maxima of the map (shifts), starting points of the polish
 
 
-def _peak(c: np.ndarray) -> _Peak:
+_N_STARTS = 3
+
+
+def _peak(c: np.ndarray, n_search: int) -> _Peak:
     na = c.shape[0]
     i, j = np.unravel_index(int(np.argmax(c)), c.shape)
     v0 = float(c[i, j])
-    di = dj = 0.0
-    gi = gj = 0.0
+    di = dj = gi = gj = 0.0
     if 0 < i < na - 1:
         di, vi = _parabola(c[i - 1, j], v0, c[i + 1, j])
         gi = vi - v0
@@ -409,15 +352,141 @@ def _peak(c: np.ndarray) -> _Peak:
         dj, vj = _parabola(c[i, j - 1], v0, c[i, j + 1])
         gj = vj - v0
     edge = na > 1 and (i in (0, na - 1) or j in (0, na - 1))
-    return _Peak((i + di, j + dj), v0 + gi + gj, bool(edge))
+    best = (float(j + dj - n_search), float(i + di - n_search))
+    # other local maxima (8-neighbourhood): a ridge of nearly parallel lines has several along it
+    pad = np.pad(c, 1, constant_values=-np.inf)
+    nb = np.max([pad[1 + a:1 + a + na, 1 + b:1 + b + na] for a in (-1, 0, 1) for b in (-1, 0, 1) if a or b], axis=0)
+    ii, jj = np.nonzero(c >= nb)
+    order = np.argsort(-c[ii, jj], kind="stable")
+    starts = [best] + [(float(jj[k] - n_search), float(ii[k] - n_search)) for k in order
+                       if (ii[k], jj[k]) != (i, j)][: _N_STARTS - 1]
+    return _Peak(best, v0 + gi + gj, bool(edge), tuple(starts))
 
 
-# ------------------------------------------------------------------------------ evaluation helpers
+class _Problem:
+    """One field and the experimental template, sampled once at the geometry ``pg``.
+
+    The value of disk d at template point u is the pixel P_d(u) that ``pg`` assigns to the
+    template tilt K(u) (a tilt of the field's grid).  A shift m [field grid steps] says that P_d(u)
+    truly belongs to K(u + m): it is compared with the field at u + m, on the grid for the FFT
+    search and interpolated (cubic splines of the noise-free simulation) in between.  The
+    experimental samples never move with m: resampling noisy data at moving sub-pixel positions
+    changes how much noise the interpolation averages and biases a correlation toward half-pixel
+    positions.  (Interpolating the simulation by cubic convolution instead of splines has the
+    same defect when fringes are sharp at the grid step: its low-pass varies with the fraction.)
+    """
+
+    def __init__(self, fld: SimField, pg: PatternGeometry, images, radius_px, background: str, counters: Counters):
+        if background not in BACKGROUNDS:
+            raise QcbedInputError("coarse.background", f"unknown mode {background!r}",
+                                  f"use {' or '.join(BACKGROUNDS)}")
+        self.fld, self.pg, self.background, self.counters = fld, pg, background, counters
+        disks = fld.disks
+        n = fld.n_template
+        xy = pg.tilt_to_display(fld.template_tilts())
+        vals = np.full((len(disks), n * n), np.nan)
+        mask = np.zeros((len(disks), n * n), bool)
+        inside = np.ones(len(xy), bool) if radius_px is None else np.hypot(xy[:, 0], xy[:, 1]) <= float(radius_px)
+        for d, h in enumerate(disks):
+            img, ok_pix = images[d]
+            rc = pg.display_to_pixel(xy, h)
+            v, ok = cubic_sample(img, rc[:, 0], rc[:, 1], ok_pix)
+            ok &= inside
+            vals[d, ok] = v[ok]
+            mask[d] = ok
+            if ok.sum() < 3:
+                raise QcbedInputError("coarse", f"disk {' '.join(map(str, h))}: fewer than 3 template samples are on "
+                                      "valid pixels (masked, unrecorded, or outside the pattern)",
+                                      "move or shrink the template (box_px, radius_px) or check the geometry")
+        counters.template_samplings += 1
+        self.values, self.mask = vals, mask  # (nd, n*n)
+        self._matcher = None
+        g = np.arange(n, dtype=float) + fld.n_search
+        self._rows, self._cols = (a.ravel() for a in np.meshgrid(g, g, indexing="ij"))
+
+    @property
+    def matcher(self) -> _Matcher:
+        if self._matcher is None:
+            n = self.fld.n_template
+            self._matcher = _Matcher(self.values.reshape(-1, n, n), self.mask.reshape(-1, n, n), self.fld.n_side,
+                                     self.background)
+        return self._matcher
+
+    def peaks(self, S: np.ndarray) -> list[_Peak]:
+        """Correlation peak over the shift grid for each field of S (B, nd, N, N)."""
+        maps = self.matcher.maps(S)
+        self.counters.ncc_maps += len(maps)
+        return [_peak(c, self.fld.n_search) for c in maps]
+
+    def ncc(self, coeffs: np.ndarray, m) -> tuple[float, np.ndarray]:
+        """NCC (joint, per disk) at a continuous shift m [steps]; ``coeffs``: spline coefficients of one field."""
+        r, c = self._rows + float(m[1]), self._cols + float(m[0])
+        sim = np.stack([ndi.map_coordinates(cd, [r, c], order=3, prefilter=False, mode="mirror") for cd in coeffs])
+        return _ncc_direct(self.values, self.mask, sim, self.background)
+
+    def correction(self, pg_trial: PatternGeometry, m) -> tuple[PatternGeometry, tuple[float, float]]:
+        """``pg_trial`` (the template's geometry) with tilt0 moved by the shift m [steps]: by p_field step
+        (mx e_x - my e_y); and that move in its display px (x, y)."""
+        geo = pg_trial.geometry
+        p = self.fld.tilt_per_px_invA * self.fld.step_px
+        delta = geo.crystal.cart_to_recip(p * (float(m[0]) * geo.e_x - float(m[1]) * geo.e_y))
+        tilt0 = np.asarray(pg_trial.tilt0, float) + delta
+        d = pg_trial.tilt_to_display(tilt0)
+        return pg_trial.with_(tilt0=tuple(float(x) for x in tilt0)), (float(d[0]), float(d[1]))
+
+
+# ------------------------------------------------------------------------------ optimisation helpers
+def _psf_kernel(psf_px, step_px: float):
+    """Voigt kernel (sigma, gamma in display px) sampled at the field step, or None."""
+    if psf_px is None:
+        return None
+    try:
+        sigma, gamma = (float(v) for v in psf_px)
+    except (TypeError, ValueError):
+        raise QcbedInputError("coarse.psf_px", f"must be (sigma, gamma) in display px, got {psf_px!r}") from None
+    if not (np.isfinite(sigma) and np.isfinite(gamma)) or sigma < 0 or gamma < 0:
+        raise QcbedInputError("coarse.psf_px", f"sigma and gamma must be >= 0, got {psf_px!r}")
+    if sigma == 0 and gamma == 0:
+        return None
+    return voigt_kernel(sigma / step_px, gamma / step_px)
+
+
+class _FieldCache:
+    """Simulated field intensities at thicknesses, blurred by the point spread (if any); single
+    thicknesses memoised; every thickness evaluated is counted."""
+
+    def __init__(self, fld: SimField, counters: Counters, kernel=None, size: int = 64):
+        self.fld, self.counters, self.kernel, self.size = fld, counters, kernel, size
+        self.memo: dict[float, np.ndarray] = {}
+
+    def many(self, ts) -> np.ndarray:
+        """(len(ts), nd, N, N)."""
+        S = self.fld.intensities(ts)
+        self.counters.intensity_evaluations += len(S)
+        if self.kernel is not None:
+            # edge-replicating padding: the template window and moderate shifts are exact when the
+            # kernel radius does not exceed the search margin
+            R = self.kernel.shape[0] // 2
+            S = convolve_valid(np.pad(S, ((0, 0), (0, 0), (R, R), (R, R)), mode="edge"), self.kernel)
+        return S
+
+    def __call__(self, t: float) -> np.ndarray:
+        """Cubic-spline coefficients (nd, N, N) of the field at thickness t (for :meth:`_Problem.ncc`)."""
+        t = float(t)
+        if t not in self.memo:
+            S = self.many([t])[0]
+            c = ndi.spline_filter1d(S, order=3, axis=-1, mode="mirror")
+            self.memo[t] = ndi.spline_filter1d(c, order=3, axis=-2, mode="mirror")
+            if len(self.memo) > self.size:
+                self.memo.pop(next(iter(self.memo)))
+        return self.memo[t]
+
+
 class _ThicknessObjective:
-    """Peak NCC on the shift grid as a function of thickness, from one field and one template (memoised)."""
+    """Peak NCC on the shift grid as a function of thickness (memoised)."""
 
-    def __init__(self, fld: SimField, matcher: _Matcher, counters: Counters):
-        self.fld, self.matcher, self.counters = fld, matcher, counters
+    def __init__(self, prob: _Problem, fields: _FieldCache):
+        self.prob, self.fields = prob, fields
         self.memo: dict[float, _Peak] = {}
 
     def many(self, ts) -> list[_Peak]:
@@ -425,118 +494,109 @@ class _ThicknessObjective:
         todo = [t for t in dict.fromkeys(ts) if t not in self.memo]
         for a in range(0, len(todo), _BATCH):
             chunk = todo[a:a + _BATCH]
-            S = self.fld.intensities(chunk)
-            self.counters.intensity_evaluations += len(chunk)
-            maps = self.matcher.maps(S)
-            self.counters.ncc_maps += len(chunk)
-            for t, c in zip(chunk, maps):
-                self.memo[t] = _peak(c)
+            for t, pk in zip(chunk, self.prob.peaks(self.fields.many(chunk))):
+                self.memo[t] = pk
         return [self.memo[t] for t in ts]
 
     def __call__(self, t: float) -> float:
         return 1.0 - self.many([t])[0].value
 
 
-def _auto_scan(fld: SimField, lo: float, hi: float) -> tuple[int, float]:
-    """Thicknesses for the scan, and max|s_g| [1/Å] over the template tilts and the disks.
-
-    Spacing 1/(4 max|s_g|): a thickness error δt moves the fringes of a beam with excitation error
-    s by s δt of a period.  15-121 thicknesses.
-    """
+def _auto_scan(fld: SimField, lo: float, hi: float) -> int:
+    """Thicknesses for the scan: spacing 1/(4 max|s_g|) over the template tilts and the disks (a
+    thickness error δt moves the fringes of a beam with excitation error s by s δt of a period);
+    15-121."""
     geo = fld.model.geometry
     h = fld.disks[np.any(fld.disks != 0, axis=1)]
     if len(h) == 0:
-        return 25, 0.0
+        return 25
     s = geo.excitation_errors(geo.incident(fld.template_tilts()), geo.crystal.recip_to_cart(h))
     smax = float(np.max(np.abs(s)))
     if not np.isfinite(smax) or smax <= 0:
-        return 25, 0.0
-    n = int(np.ceil((hi - lo) * 4.0 * smax)) + 1
-    return int(np.clip(n, _SCAN_MIN, _SCAN_MAX)), smax
+        return 25
+    return int(np.clip(int(np.ceil((hi - lo) * 4.0 * smax)) + 1, _SCAN_MIN, _SCAN_MAX))
 
 
-def _fit_thickness(obj: _ThicknessObjective, lo: float, hi: float, n_scan: int, xatol: float):
-    """Scan, then bounded Brent between the neighbours of the best scan point.
-
-    Returns (t, peak, scan, at_bound, spacing)."""
-    ts = np.linspace(lo, hi, max(int(n_scan), 3))
-    peaks = obj.many(ts)
-    vals = np.array([p.value for p in peaks])
+def _scan_brent(f_peak, lo: float, hi: float, n_scan: int, xatol: float):
+    """Scan ``n_scan`` points of [lo, hi] (f_peak: list of x -> list of _Peak), then bounded Brent between the
+    neighbours of the best.  Returns (x, peak, scan dict, at_bound, spacing)."""
+    xs = np.linspace(lo, hi, max(int(n_scan), 3))
+    vals = np.array([p.value for p in f_peak(xs)])
     k = int(np.argmax(vals))
-    a, b = ts[max(k - 1, 0)], ts[min(k + 1, len(ts) - 1)]
-    res = minimize_scalar(obj, bounds=(a, b), method="bounded", options={"xatol": xatol})
-    t_best = float(res.x)
-    if 1.0 - float(res.fun) < vals[k]:
-        t_best = float(ts[k])
-    spacing = float(ts[1] - ts[0])
-    at_bound = (k == 0 or k == len(ts) - 1) and min(abs(t_best - lo), abs(t_best - hi)) < 0.5 * spacing
-    return t_best, obj.many([t_best])[0], {"thickness_A": ts, "ncc": vals}, bool(at_bound), spacing
+    a, b = xs[max(k - 1, 0)], xs[min(k + 1, len(xs) - 1)]
+    res = minimize_scalar(lambda x: 1.0 - f_peak([x])[0].value, bounds=(a, b), method="bounded",
+                          options={"xatol": xatol})
+    x = float(res.x) if 1.0 - float(res.fun) >= vals[k] else float(xs[k])
+    spacing = float(xs[1] - xs[0])
+    at_bound = (k == 0 or k == len(xs) - 1) and min(x - lo, hi - x) < 0.5 * spacing
+    return x, f_peak([x])[0], {"x": xs, "ncc": vals}, bool(at_bound), spacing
 
 
-class _Polish:
-    """Continuous maximisation of the NCC over thickness, gl and shift (Nelder-Mead).
+def _polish(ncc_at, n_search: int, t0: float, m0, *, t_scale=None, t_bounds=None, gl0=None, gl_scale=None,
+            gl_bounds=None, maxiter: int = 400):
+    """Continuous maximisation of the NCC over (thickness), (gl) and the shift m [steps] by Nelder-Mead.
 
-    The shift grid of the FFT search is the field's step, and a correlation peak that is narrow
-    across and long along a ridge (a pattern of nearly parallel lines) is poorly placed from grid
-    values.  Here the simulation stays on its grid (the template window, exact tilts) and the
-    experiment is resampled at the continuously shifted pixels, as in the fine refinement.
-    """
+    ``ncc_at(t, gl, m)`` -> (joint, per disk).  The FFT search places the shift on the field grid,
+    and a correlation peak narrow across and long along a ridge (nearly parallel lines) is poorly
+    placed from grid values; here the shift is continuous.  Nelder-Mead collapses in long flat
+    valleys (thickness and shift trade off): it is restarted from its best point with a fresh
+    simplex until a restart gains less than 1e-9 (at most 6 runs).
 
-    def __init__(self, fld: SimField, pg: PatternGeometry, images, radius_px, background: str, counters: Counters):
-        self.fld, self.pg, self.images, self.radius = fld, pg, images, radius_px
-        self.background, self.counters = background, counters
-        self.windows: dict[float, np.ndarray] = {}
-
-    def window(self, t: float) -> np.ndarray:
-        t = float(t)
-        if t not in self.windows:
-            ns, n = self.fld.n_search, self.fld.n_template
-            self.windows[t] = self.fld.intensities([t])[0][:, ns:ns + n, ns:ns + n]
-            self.counters.intensity_evaluations += 1
-            if len(self.windows) > 256:
-                self.windows.pop(next(iter(self.windows)))
-        return self.windows[t]
-
-    def ncc(self, t: float, gl: float | None, shift) -> tuple[float, np.ndarray]:
-        pg = self.pg if gl is None else self.pg.with_(gl_px=float(gl))
-        tpl = _sample_template(pg, self.fld, self.images, self.radius, shift, self.counters, check=False)
-        return _ncc_direct(tpl, self.window(t), self.background)
-
-    def run(self, t0: float, shift0, *, t_scale: float | None = None, t_bounds=None, gl0: float | None = None,
-            gl_scale: float | None = None, gl_bounds=None, maxiter: int = 400):
-        """Start at (t0, [gl0], shift0 [field px]); ``t_scale``/``gl_scale`` None hold them fixed.
-
-        Returns (t, gl, shift (sx, sy) field px, ncc, per-disk ncc)."""
-        step = self.fld.step_px
-        lim = (self.fld.n_search + 0.5) * step
-        names, x0, scale, bounds = [], [], [], []
-        if t_scale is not None:
-            names.append("t"); x0.append(t0); scale.append(t_scale); bounds.append(t_bounds)
-        if gl_scale is not None:
-            names.append("gl"); x0.append(gl0); scale.append(gl_scale); bounds.append(gl_bounds)
-        names += ["sx", "sy"]
-        x0 += [float(shift0[0]), float(shift0[1])]
-        scale += [step, step]
+    Returns (t, gl, m, ncc, per-disk ncc)."""
+    lim = float(n_search)  # the field covers shifts up to the search range
+    names, x0, scale, bounds = [], [], [], []
+    if t_scale is not None:
+        names.append("t")
+        x0.append(t0)
+        scale.append(t_scale)
+        bounds.append(t_bounds)
+    if gl_scale is not None:
+        names.append("gl")
+        x0.append(gl0)
+        scale.append(gl_scale)
+        bounds.append(gl_bounds)
+    if lim > 0:
+        names += ["mx", "my"]
+        x0 += [float(np.clip(m0[0], -lim, lim)), float(np.clip(m0[1], -lim, lim))]
+        scale += [1.0, 1.0]
         bounds += [(-lim, lim), (-lim, lim)]
-        x0, scale = np.array(x0, float), np.array(scale, float)
-        nb = [((lo - c) / s, (hi - c) / s) for lo, hi, c, s in zip([b[0] for b in bounds], [b[1] for b in bounds], x0, scale)]
+    x0, scale = np.array(x0, float), np.array(scale, float)
+    nb = [((b[0] - c) / s, (b[1] - c) / s) for b, c, s in zip(bounds, x0, scale)]
 
-        def unpack(u):
-            v = dict(zip(names, x0 + scale * np.asarray(u)))
-            return v.get("t", t0), v.get("gl", gl0), (v["sx"], v["sy"])
+    def unpack(u):
+        v = dict(zip(names, x0 + scale * np.asarray(u)))
+        return float(v.get("t", t0)), (None if v.get("gl", gl0) is None else float(v.get("gl", gl0))), \
+            (float(v.get("mx", 0.0)), float(v.get("my", 0.0)))
 
-        def f(u):
-            t, gl, sh = unpack(u)
-            return 1.0 - self.ncc(t, gl, sh)[0]
+    def f(u):
+        return 1.0 - ncc_at(*unpack(u))[0]
 
-        k = len(names)
-        simplex = np.vstack([np.zeros(k), 0.5 * np.eye(k)])
-        res = minimize(f, np.zeros(k), method="Nelder-Mead", bounds=nb,
-                       options={"initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-10, "maxiter": maxiter})
-        u = res.x if res.fun <= f(np.zeros(k)) else np.zeros(k)
-        t, gl, sh = unpack(u)
-        joint, per = self.ncc(t, gl, sh)
-        return float(t), (None if gl is None else float(gl)), (float(sh[0]), float(sh[1])), joint, per
+    k = len(names)
+    u, fu = np.zeros(k), f(np.zeros(k))
+    size = 0.5
+    for _ in range(6 if k else 0):
+        res = minimize(f, u, method="Nelder-Mead", bounds=nb,
+                       options={"initial_simplex": np.vstack([u, u + size * np.eye(k)]), "xatol": 1e-3,
+                                "fatol": 1e-10, "maxiter": maxiter})
+        gain = fu - float(res.fun)
+        if gain > 0:
+            u, fu = np.asarray(res.x, float), float(res.fun)
+        if gain < 1e-9:
+            break
+        size = max(0.5 * size, 0.1)
+    t, gl, m = unpack(u)
+    joint, per = ncc_at(t, gl, m)
+    return t, gl, m, joint, per
+
+
+def _polish_multi(ncc_at, n_search: int, t0: float, peak: _Peak, **kw):
+    """:func:`_polish` from each of the peak's starting shifts; the best result."""
+    best = None
+    for m0 in peak.starts or (peak.shift,):
+        r = _polish(ncc_at, n_search, t0, m0, **kw)
+        if best is None or r[3] > best[3]:
+            best = r
+    return best
 
 
 def _check_bracket(bracket, name: str, positive: bool = True) -> tuple[float, float]:
@@ -545,33 +605,21 @@ def _check_bracket(bracket, name: str, positive: bool = True) -> tuple[float, fl
     except (TypeError, ValueError):
         raise QcbedInputError(f"coarse.{name}", f"must be two numbers (low, high), got {bracket!r}") from None
     if not (np.isfinite(lo) and np.isfinite(hi)) or not lo < hi or (positive and lo <= 0):
-        raise QcbedInputError(f"coarse.{name}", f"must be an interval low < high{' of positive values' if positive else ''}, "
-                              f"got {bracket!r}")
+        what = " of positive values" if positive else ""
+        raise QcbedInputError(f"coarse.{name}", f"must be an interval low < high{what}, got {bracket!r}")
     return lo, hi
 
 
-def _grid_shift(fld: SimField, pos) -> tuple[float, float]:
-    """Map index (row, col) of the correlation -> shift (sx, sy) [field px]."""
-    return ((pos[1] - fld.n_search) * fld.step_px, (pos[0] - fld.n_search) * fld.step_px)
-
-
-def _shifted(pg: PatternGeometry, fld: SimField, shift) -> tuple[PatternGeometry, tuple[float, float]]:
-    """Geometry with tilt0 moved by the correlation shift (sx, sy) [field px]; and that shift in pg's display px."""
-    sx, sy = shift
-    geo = pg.geometry
-    p = fld.tilt_per_px_invA
-    d_cart = p * (sx * geo.e_x - sy * geo.e_y)
-    tilt0 = np.asarray(pg.tilt0, float) + geo.crystal.cart_to_recip(d_cart)
-    f = p / pg.pixel_size_invA
-    return pg.with_(tilt0=tuple(float(x) for x in tilt0)), (float(sx * f), float(sy * f))
-
-
-def _result(model, pg, fld, t, shift, ncc, per, peak, counters, t_start, params, scan, at_bound) -> CoarseResult:
-    geom, shift_px = _shifted(pg, fld, shift)
+def _result(prob: _Problem, model, pg_trial, t, m, ncc, per, peak, counters, t_start, params, scan,
+            at_bound) -> CoarseResult:
+    geom, shift_px = prob.correction(pg_trial, m)
+    ns = prob.fld.n_search
+    at_edge = peak.at_edge or (ns > 0 and max(abs(m[0]), abs(m[1])) > ns - 1e-3)
     counters.wall_s = time.perf_counter() - t_start
     return CoarseResult(thickness_A=float(t), geometry=geom, model=model, shift_px=shift_px, ncc=float(ncc),
-                        ncc_per_disk=np.asarray(per, float), disks=fld.disks.copy(), params=params,
-                        counters=counters.as_dict(), scan=scan, at_edge=peak.at_edge, at_bound=bool(at_bound), field=fld)
+                        ncc_per_disk=np.asarray(per, float), disks=prob.fld.disks.copy(), params=params,
+                        counters=counters.as_dict(), scan=scan, at_edge=bool(at_edge), at_bound=bool(at_bound),
+                        field=prob.fld)
 
 
 def _field_for(model, pg, disks, box_px, search_px, step_px, field, counters) -> SimField:
@@ -585,8 +633,8 @@ def _field_for(model, pg, disks, box_px, search_px, step_px, field, counters) ->
 def coarse_orientation_thickness(model: ForwardModel, pg: PatternGeometry, pattern, disks, box_px: float,
                                  search_px: float, thickness_bracket_A, step_px: float = 1.0, *,
                                  n_scan: int | None = None, radius_px: float | None = None,
-                                 background: str = "per_disk", xatol_A: float = 0.05, polish: bool = True,
-                                 field: SimField | None = None) -> CoarseResult:
+                                 background: str = "per_disk", psf_px=None, xatol_A: float = 0.05,
+                                 polish: bool = True, field: SimField | None = None) -> CoarseResult:
     """Thickness and orientation (tilt0) by template matching over one simulated tilt field.
 
     ``disks`` (nd, 3) compared together; ``box_px``: half-size of the template (display px about
@@ -595,45 +643,47 @@ def coarse_orientation_thickness(model: ForwardModel, pg: PatternGeometry, patte
     ``step_px``: grid step (display px).  ``n_scan``: thicknesses of the coarse scan (default:
     automatic, 15-121, from the excitation errors); ``radius_px``: also exclude template points
     farther than this from the origin (CBED: keep inside the disk); ``polish``: finish with a
-    continuous maximisation over thickness and shift (:class:`_Polish`); ``field``: a cached field
-    of this model, disks and grid (e.g. ``result.field``) to re-use instead of solving.
+    continuous maximisation over thickness and shift; ``field``: a cached field of this model,
+    disks and grid (e.g. ``result.field``) to re-use instead of solving.
 
     One eigen-solution; each thickness only recomputes intensities.  For every thickness the
     shift is the peak of the FFT correlation map (parabolic sub-pixel); scan, then bounded Brent
-    around the best scan point minimising 1 - max NCC.
+    around the best scan point minimising 1 - max NCC; then the polish.
     """
     t_start = time.perf_counter()
     counters = Counters()
     lo, hi = _check_bracket(thickness_bracket_A, "thickness_bracket_A")
     disks = np.atleast_2d(np.asarray(disks, int))
     fld = _field_for(model, pg, disks, box_px, search_px, step_px, field, counters)
-    images = _images(pattern, pg, disks)
-    matcher = _Matcher(_sample_template(pg, fld, images, radius_px, counters=counters), fld.n_side, background)
-    obj = _ThicknessObjective(fld, matcher, counters)
-    n, _ = _auto_scan(fld, lo, hi)
-    n = n if n_scan is None else int(n_scan)
-    t, peak, scan, at_bound, spacing = _fit_thickness(obj, lo, hi, n, xatol_A)
-    pol = _Polish(fld, pg, images, radius_px, background, counters)
-    shift = _grid_shift(fld, peak.pos)
+    prob = _Problem(fld, pg, _images(pattern, pg, disks), radius_px, background, counters)
+    fields = _FieldCache(fld, counters, _psf_kernel(psf_px, fld.step_px))
+    obj = _ThicknessObjective(prob, fields)
+    n = _auto_scan(fld, lo, hi) if n_scan is None else int(n_scan)
+    t, peak, scan, at_bound, spacing = _scan_brent(obj.many, lo, hi, n, xatol_A)
+    scan = {"thickness_A": scan["x"], "ncc": scan["ncc"]}
+    m = peak.shift
     if polish:
-        t, _, shift, ncc, per = pol.run(t, shift, t_scale=0.25 * spacing, t_bounds=(lo, hi))
+        t, _, m, ncc, per = _polish_multi(lambda t_, gl_, m_: prob.ncc(fields(t_), m_), fld.n_search, t, peak,
+                                          t_scale=0.25 * spacing, t_bounds=(lo, hi))
     else:
-        ncc, per = pol.ncc(t, None, shift)
-    return _result(model, pg, fld, t, shift, ncc, per, peak, counters, t_start, {"thickness_A": t}, scan, at_bound)
+        ncc, per = prob.ncc(fields(t), m)
+    return _result(prob, model, pg, t, m, ncc, per, peak, counters, t_start, {"thickness_A": t}, scan, at_bound)
 
 
 # ------------------------------------------------------------------------------ 2. gl
 def coarse_gl(model: ForwardModel, pg: PatternGeometry, pattern, disks, box_px: float, search_px: float,
               thickness_A: float, gl_bracket_px=None, step_px: float = 1.0, *, n_scan: int = 21,
-              radius_px: float | None = None, background: str = "per_disk", xatol_px: float | None = None,
-              polish: bool = True, field: SimField | None = None) -> CoarseResult:
+              radius_px: float | None = None, background: str = "per_disk", psf_px=None,
+              xatol_px: float | None = None, polish: bool = True, field: SimField | None = None) -> CoarseResult:
     """gl (camera length / tilt steps per |g_x|) at fixed thickness, maximising the same NCC.
 
-    The simulated field stays fixed in tilt (one solve, or none with ``field``); each gl trial
-    resamples the experiment at the pixels the trial geometry assigns to the template tilts, and
-    the shift is re-optimised.  ``gl_bracket_px`` defaults to gl ± 5 %.  Scan (``n_scan``) then
-    bounded Brent (``xatol_px``, default 1e-5 gl), then (``polish``) a continuous maximisation over
-    gl and shift.  The result's geometry has the fitted gl and the orientation correction at it.
+    One field (or none with ``field``), fixed in tilt; each gl trial resamples the experiment at
+    the pixels the trial geometry assigns to the template tilts (the template follows the CBED
+    disks, whose centres move with gl) and re-optimises the shift.  ``gl_bracket_px`` defaults to
+    gl ± 5 %.  Scan (``n_scan``), bounded Brent (``xatol_px``, default 1e-5 gl), then (``polish``)
+    a continuous maximisation over gl and shift.  The result's geometry has the fitted gl and the
+    orientation correction at it.  With ``field`` (e.g. the ``field`` of an orientation result, and
+    its geometry with another gl) nothing is solved.
     """
     t_start = time.perf_counter()
     counters = Counters()
@@ -645,38 +695,41 @@ def coarse_gl(model: ForwardModel, pg: PatternGeometry, pattern, disks, box_px: 
     disks = np.atleast_2d(np.asarray(disks, int))
     fld = _field_for(model, pg, disks, box_px, search_px, step_px, field, counters)
     images = _images(pattern, pg, disks)
-    S = fld.intensities([t])
-    counters.intensity_evaluations += 1
+    fields = _FieldCache(fld, counters, _psf_kernel(psf_px, fld.step_px))
+    S = fields.many([t])
+    probs: dict[float, _Problem] = {}
+
+    def prob_at(g: float) -> _Problem:
+        g = float(g)
+        if g not in probs:
+            probs[g] = _Problem(fld, pg.with_(gl_px=g), images, radius_px, background, counters)
+            if len(probs) > 256:
+                probs.pop(next(iter(probs)))
+        return probs[g]
+
     memo: dict[float, _Peak] = {}
 
-    def evaluate(gl: float) -> _Peak:
-        gl = float(gl)
-        if gl not in memo:
-            tpl = _sample_template(pg.with_(gl_px=gl), fld, images, radius_px, counters=counters)
-            memo[gl] = _peak(_Matcher(tpl, fld.n_side, background).maps(S)[0])
-            counters.ncc_maps += 1
-        return memo[gl]
+    def peaks(gls):
+        for g in gls:
+            if float(g) not in memo:
+                memo[float(g)] = prob_at(g).peaks(S)[0]
+        return [memo[float(g)] for g in gls]
 
-    gls = np.linspace(lo, hi, max(int(n_scan), 3))
-    vals = np.array([evaluate(g).value for g in gls])
-    k = int(np.argmax(vals))
-    a, b = gls[max(k - 1, 0)], gls[min(k + 1, len(gls) - 1)]
     xatol = 1e-5 * gl0 if xatol_px is None else float(xatol_px)
-    res = minimize_scalar(lambda g: 1.0 - evaluate(g).value, bounds=(a, b), method="bounded", options={"xatol": xatol})
-    gl_best = float(res.x) if 1.0 - float(res.fun) >= vals[k] else float(gls[k])
-    peak = evaluate(gl_best)
-    spacing = float(gls[1] - gls[0])
-    pol = _Polish(fld, pg, images, radius_px, background, counters)
-    pg_best = pg.with_(gl_px=gl_best)
-    shift = _grid_shift(fld, peak.pos)
+    gl, peak, scan, at_bound, spacing = _scan_brent(peaks, lo, hi, n_scan, xatol)
+    scan = {"gl_px": scan["x"], "ncc": scan["ncc"]}
+    m = peak.shift
     if polish:
-        _, gl_best, shift, ncc, per = pol.run(t, shift, gl0=gl_best, gl_scale=0.25 * spacing, gl_bounds=(lo, hi))
-        pg_best = pg.with_(gl_px=gl_best)
+        def ncc_at(t_, g_, m_):
+            return prob_at(g_).ncc(fields(t), m_)
+
+        _, gl, m, ncc, per = _polish_multi(ncc_at, fld.n_search, t, peak, gl0=gl, gl_scale=0.25 * spacing,
+                                           gl_bounds=(lo, hi))
     else:
-        ncc, per = pol.ncc(t, gl_best, shift)
-    at_bound = (k == 0 or k == len(gls) - 1) and min(gl_best - lo, hi - gl_best) < 0.5 * spacing
-    return _result(model, pg_best, fld, t, shift, ncc, per, peak, counters, t_start,
-                   {"gl_px": gl_best, "thickness_A": t}, {"gl_px": gls, "ncc": vals}, at_bound)
+        ncc, per = prob_at(gl).ncc(fields(t), m)
+    prob = prob_at(gl)
+    return _result(prob, model, prob.pg, t, m, ncc, per, peak, counters, t_start,
+                   {"gl_px": gl, "thickness_A": t}, scan, at_bound)
 
 
 # ------------------------------------------------------------------------------ 3. physics that re-solves
@@ -696,10 +749,12 @@ class _PhysicsObjective:
     polish over thickness and shift, whose NCC is the objective (smooth in the parameter)."""
 
     def __init__(self, build, pg, pattern, disks, box_px, search_px, step_px, thickness_A, thickness_rel,
-                 n_thickness, radius_px, background, counters):
-        self.build, self.pg, self.pattern = build, pg, pattern
+                 n_thickness, radius_px, background, psf_px, counters):
+        self.build, self.pg, self.psf = build, pg, psf_px
+        _psf_kernel(psf_px, 1.0)
         self.disks = np.atleast_2d(np.asarray(disks, int))
         self.box, self.search, self.step = box_px, search_px, step_px
+        _grid_counts(box_px, search_px, step_px)
         self.t0 = float(thickness_A)
         if not np.isfinite(self.t0) or self.t0 <= 0:
             raise QcbedInputError("coarse.thickness_A", f"must be a positive thickness in Å, got {thickness_A!r}")
@@ -718,18 +773,19 @@ class _PhysicsObjective:
             return self.memo[key]
         model, pg = self.build(*key)
         fld = simulate_field(model, pg, self.disks, self.box, self.search, self.step, self.counters)
-        matcher = _Matcher(_sample_template(pg, fld, self.images, self.radius, counters=self.counters), fld.n_side,
-                           self.background)
-        obj = _ThicknessObjective(fld, matcher, self.counters)
-        pol = _Polish(fld, pg, self.images, self.radius, self.background, self.counters)
+        prob = _Problem(fld, pg, self.images, self.radius, self.background, self.counters)
+        fields = _FieldCache(fld, self.counters, _psf_kernel(self.psf, fld.step_px))
         if self.rel > 0:
             lo, hi = self.t0 * (1 - self.rel), self.t0 * (1 + self.rel)
-            t, peak, _, _, spacing = _fit_thickness(obj, lo, hi, self.n_t, xatol=1e-4 * self.t0)
-            t, _, shift, ncc, per = pol.run(t, _grid_shift(fld, peak.pos), t_scale=0.25 * spacing, t_bounds=(lo, hi))
+            t, peak, _, _, spacing = _scan_brent(_ThicknessObjective(prob, fields).many, lo, hi, self.n_t,
+                                                 1e-4 * self.t0)
+            t, _, m, ncc, per = _polish_multi(lambda t_, gl_, m_: prob.ncc(fields(t_), m_), fld.n_search, t,
+                                              peak, t_scale=0.25 * spacing, t_bounds=(lo, hi))
         else:
-            t, peak = self.t0, obj.many([self.t0])[0]
-            t, _, shift, ncc, per = pol.run(t, _grid_shift(fld, peak.pos))
-        out = (model, pg, fld, t, shift, ncc, per, peak)
+            t = self.t0
+            peak = prob.peaks(fields.many([t]))[0]
+            t, _, m, ncc, per = _polish_multi(lambda t_, gl_, m_: prob.ncc(fields(t_), m_), fld.n_search, t, peak)
+        out = (model, pg, prob, t, m, ncc, per, peak)
         self.memo[key] = out
         self.trace.append((*key, t, ncc))
         return out
@@ -739,20 +795,20 @@ class _PhysicsObjective:
 
 
 def _physics_result(obj: _PhysicsObjective, x_best, params, t_start, at_bound) -> CoarseResult:
-    model, pg, fld, t, shift, ncc, per, peak = obj.evaluate(x_best)
+    model, pg, prob, t, m, ncc, per, peak = obj.evaluate(x_best)
     tr = np.array(obj.trace, float)
     names = list(params)
     scan = {"trace_" + n: tr[:, i] for i, n in enumerate(names[: tr.shape[1] - 2])}
     scan.update({"trace_thickness_A": tr[:, -2], "ncc": tr[:, -1]})
     params = dict(params)
     params["thickness_A"] = t
-    return _result(model, pg, fld, t, shift, ncc, per, peak, obj.counters, t_start, params, scan, at_bound)
+    return _result(prob, model, pg, t, m, ncc, per, peak, obj.counters, t_start, params, scan, at_bound)
 
 
 def coarse_voltage(model: ForwardModel, pg: PatternGeometry, pattern, disks, box_px: float, search_px: float,
                    thickness_A: float, hv_bracket_kV=None, step_px: float = 1.0, *, thickness_rel: float = 0.03,
                    n_thickness: int = 7, xatol_kV: float = 0.01, radius_px: float | None = None,
-                   background: str = "per_disk") -> CoarseResult:
+                   background: str = "per_disk", psf_px=None) -> CoarseResult:
     """Accelerating voltage by bounded Brent over hv_kV (default bracket hv ± 2 kV).
 
     Each trial rebuilds the ForwardModel at that voltage (overrides scaled by γ'/γ) and solves one
@@ -771,7 +827,7 @@ def coarse_voltage(model: ForwardModel, pg: PatternGeometry, pattern, disks, box
         return m, pg.with_(geometry=m.geometry)
 
     obj = _PhysicsObjective(build, pg, pattern, disks, box_px, search_px, step_px, thickness_A, thickness_rel,
-                            n_thickness, radius_px, background, counters)
+                            n_thickness, radius_px, background, psf_px, counters)
     res = minimize_scalar(lambda v: obj(v), bounds=(lo, hi), method="bounded", options={"xatol": xatol_kV})
     hv = float(res.x)
     at_bound = min(hv - lo, hi - hv) < 2 * xatol_kV
@@ -803,7 +859,8 @@ def _site_indices(crystal, sites) -> list[int]:
 def coarse_debye_waller(model: ForwardModel, pg: PatternGeometry, pattern, disks, box_px: float, search_px: float,
                         thickness_A: float, sites=None, b_bounds_A2=None, step_px: float = 1.0, *,
                         thickness_rel: float = 0.03, n_thickness: int = 7, xatol_A2: float = 0.005,
-                        radius_px: float | None = None, background: str = "per_disk") -> CoarseResult:
+                        radius_px: float | None = None, background: str = "per_disk",
+                        psf_px=None) -> CoarseResult:
     """Isotropic Debye-Waller B [Å^2] of each distinct atom site (asymmetric unit), bounded.
 
     ``sites``: labels or indices (default all; sites with anisotropic tensors are refused);
@@ -836,7 +893,7 @@ def coarse_debye_waller(model: ForwardModel, pg: PatternGeometry, pattern, disks
         return m, pg.with_(geometry=m.geometry)
 
     obj = _PhysicsObjective(build, pg, pattern, disks, box_px, search_px, step_px, thickness_A, thickness_rel,
-                            n_thickness, radius_px, background, counters)
+                            n_thickness, radius_px, background, psf_px, counters)
     if len(idx) == 1:
         res = minimize_scalar(lambda b: obj([b]), bounds=bounds[0], method="bounded", options={"xatol": xatol_A2})
         x = np.atleast_1d(res.x)
@@ -872,21 +929,21 @@ def crystal_system(crystal) -> str:
 
 #: Free cell lengths per crystal system and how the three lengths follow from them (angles fixed).
 _CELL_FREE = {
-    "cubic": (("a",), lambda p, c: (p[0], p[0], p[0])),
-    "rhombohedral": (("a",), lambda p, c: (p[0], p[0], p[0])),
-    "tetragonal": (("a", "c"), lambda p, c: (p[0], p[0], p[1])),
-    "trigonal": (("a", "c"), lambda p, c: (p[0], p[0], p[1])),
-    "hexagonal": (("a", "c"), lambda p, c: (p[0], p[0], p[1])),
-    "orthorhombic": (("a", "b", "c"), lambda p, c: (p[0], p[1], p[2])),
-    "monoclinic": (("a", "b", "c"), lambda p, c: (p[0], p[1], p[2])),
-    "triclinic": (("a", "b", "c"), lambda p, c: (p[0], p[1], p[2])),
+    "cubic": (("a",), lambda p: (p[0], p[0], p[0])),
+    "rhombohedral": (("a",), lambda p: (p[0], p[0], p[0])),
+    "tetragonal": (("a", "c"), lambda p: (p[0], p[0], p[1])),
+    "trigonal": (("a", "c"), lambda p: (p[0], p[0], p[1])),
+    "hexagonal": (("a", "c"), lambda p: (p[0], p[0], p[1])),
+    "orthorhombic": (("a", "b", "c"), lambda p: (p[0], p[1], p[2])),
+    "monoclinic": (("a", "b", "c"), lambda p: (p[0], p[1], p[2])),
+    "triclinic": (("a", "b", "c"), lambda p: (p[0], p[1], p[2])),
 }
 
 
 def coarse_cell(model: ForwardModel, pg: PatternGeometry, pattern, disks, box_px: float, search_px: float,
                 thickness_A: float, rel_bound: float = 0.01, step_px: float = 1.0, *, thickness_rel: float = 0.03,
                 n_thickness: int = 7, xatol_rel: float = 1e-5, radius_px: float | None = None,
-                background: str = "per_disk") -> CoarseResult:
+                background: str = "per_disk", psf_px=None) -> CoarseResult:
     """Lattice parameters constrained by the crystal system, angles fixed, each within ± ``rel_bound``.
 
     Free lengths: cubic (and rhombohedral axes) a; tetragonal, trigonal, hexagonal a, c;
@@ -907,18 +964,19 @@ def coarse_cell(model: ForwardModel, pg: PatternGeometry, pattern, disks, box_px
     bounds = [(v * (1 - rel_bound), v * (1 + rel_bound)) for v in p0]
 
     def build(*p):
-        cell = tuple(lengths(p, cr)) + tuple(cr.cell[3:])
+        cell = tuple(float(v) for v in lengths(p)) + tuple(cr.cell[3:])
         m = _rebuilt(model, crystal=replace(cr, cell=cell))
         return m, pg.with_(geometry=m.geometry)
 
     obj = _PhysicsObjective(build, pg, pattern, disks, box_px, search_px, step_px, thickness_A, thickness_rel,
-                            n_thickness, radius_px, background, counters)
+                            n_thickness, radius_px, background, psf_px, counters)
     if len(names) == 1:
         res = minimize_scalar(lambda v: obj([v]), bounds=bounds[0], method="bounded",
                               options={"xatol": xatol_rel * p0[0]})
         x = np.atleast_1d(res.x)
     else:
-        res = minimize(obj, p0, method="Powell", bounds=bounds, options={"xtol": xatol_rel * float(p0.min()), "ftol": 1e-7})
+        res = minimize(obj, p0, method="Powell", bounds=bounds,
+                       options={"xtol": xatol_rel * float(p0.min()), "ftol": 1e-7})
         x = np.atleast_1d(res.x)
     at_bound = any(min(v - b[0], b[1] - v) < 2 * xatol_rel * v for v, b in zip(x, bounds))
     result = _physics_result(obj, x, {f"{n}_A": float(v) for n, v in zip(names, x)}, t_start, at_bound)
