@@ -80,7 +80,7 @@ def test_bad_crystal_files_no_traceback(tmp_path):
 
 
 def test_demo_writes_results(tmp_path):
-    assert main(["demo", "--results", str(tmp_path)]) == 0
+    assert main(["demo", "--results", str(tmp_path), "--no-refine"]) == 0
     rec = json.loads((tmp_path / "demo" / "simulate.json").read_text())
     assert rec["absorption"] == "proportional" and len(rec["thickness_A"]) == 15
     assert (tmp_path / "demo" / "simulate.zarr" / "zarr.json").exists()
