@@ -132,3 +132,25 @@ def test_larbed_example_acceptance():
     u111_true = truth["U"]["1 -1 -1"][0]
     assert abs(res.value("U(1 -1 -1)") / u111_true - 1) < 2e-3
     assert abs(res.value("psf_sigma") / truth["effects"]["psf_sigma_px"] - 1) < 0.1
+
+
+def test_sf_parameters_centric_and_acentric():
+    """Centrosymmetric reflections refine a signed real U (and U'); acentric ones amplitude and phase."""
+    from stages.fine import apply_sf
+    from stages.physics.crystal_io import crystal_from_mapping
+
+    gaas = crystal_from_mapping({"cell": [5.65] * 3 + [90] * 3, "spacegroup": "F -4 3 m",
+                                 "atoms": [{"label": "Ga", "xyz": [0, 0, 0], "B": 0.62},
+                                           {"label": "As", "xyz": [0.25, 0.25, 0.25], "B": 0.48}]})
+    m = ForwardModel(gaas, 200.0, (1, -1, 0))
+    params = sf_params_from_config(m, [{"hkl": [1, 1, 1], "refine": ["U", "Uprime"], "Uprime_range": [0.0, 2e-3]},
+                                       {"hkl": [2, 0, 0], "refine": ["U"]}])
+    assert [p.component for p in params] == ["U_amp", "U_phase", "Uprime_amp", "Uprime_phase", "U"]
+    iam111 = m.potential.iam([[1, 1, 1]])[0]
+    assert params[0].x0 == pytest.approx(abs(iam111)) and params[1].x0 == pytest.approx(np.degrees(np.angle(iam111)))
+    apply_sf(m, params, [0.03, 40.0, 1e-3, 40.0, -0.02])
+    u, up = m.potential.get([[1, 1, 1], [-1, -1, -1], [2, 0, 0], [0, 0, -2]])
+    assert u[0] == pytest.approx(0.03 * np.exp(1j * np.radians(40.0)))
+    assert u[1] == pytest.approx(np.conj(u[0]))  # Friedel mate
+    assert up[0] == pytest.approx(1e-3 * np.exp(1j * np.radians(40.0)))
+    assert u[2] == pytest.approx(-0.02) and u[3] == pytest.approx(-0.02)  # centric 200: signed real, equivalents
