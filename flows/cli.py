@@ -215,22 +215,11 @@ def cmd_prepare(args) -> int:
     """Load the pattern and sample the ROI of a run config; write pattern.zarr and roi.zarr."""
     import numpy as np
 
-    from stages import config as C
-    from stages.load import load_pattern
-    from stages.roi import build_roi, regions_from_config
     from stages.store import write_store
 
-    cfg = C.load_config(args.config)
-    model = C.forward_model(cfg)
-    if "pattern" not in cfg.data:
-        from stages.errors import QcbedInputError
-
-        raise QcbedInputError(f"{cfg.path.name}: [pattern]", "missing section", "see data/si_cbed/config.toml")
-    pattern = load_pattern(cfg.section("pattern"), cfg.base_dir)
-    pg = C.pattern_geometry(cfg, model)
-    regions, padding = regions_from_config(cfg.section("roi"))
-    disks = C.roi_disks(cfg, pattern)
-    roi = build_roi(pattern, pg, regions, disks, padding, cfg.section("roi").get("disk_mask"))
+    cfg, model, pattern, pg, roi = _prepared(args.config)
+    regions, padding = roi.attrs["regions"], roi.attrs["padding"]
+    regions = json.loads(regions)
     out = Path(args.results) / run_name(cfg.path)
     write_store(pattern, out / "pattern.zarr")
     write_store(roi, out / "roi.zarr")

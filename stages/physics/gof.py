@@ -71,6 +71,8 @@ return :func:`weighted_fit` from ``fit``.
 
 from __future__ import annotations
 
+import abc
+
 import hashlib
 import importlib
 import importlib.util
@@ -224,14 +226,18 @@ def weighted_fit(sim, exp, sigma2, used, per_disk: bool = False, fit_background:
 
 
 # ----------------------------------------------------------------------------- metrics
-class BaseGOF:
-    """A goodness-of-fit metric: ``fit`` solves scale/background and returns a :class:`Fit`."""
+class BaseGOF(abc.ABC):
+    """A goodness-of-fit metric: ``fit`` solves scale/background and returns a :class:`Fit`.
+
+    Subclasses (built-in or a user's, named in the config) implement :meth:`fit`; an abstract base
+    cannot be instantiated, so a user class that forgets it fails at load time with a clear message.
+    """
 
     name: str = "BaseGOF"
 
+    @abc.abstractmethod
     def fit(self, sim, exp, variance=None, mask=None) -> Fit:
         """Fit c sim + b to exp over the used points; arrays (n_disks, n_points), mask True = use."""
-        raise NotImplementedError(f"{type(self).__name__} must implement fit()")
 
     def reduced(self, fit: Fit, n_free: int) -> float:
         """value / dof with dof = n_points - n_linear - n_free (QcbedInputError if dof <= 0)."""
