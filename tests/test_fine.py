@@ -7,7 +7,7 @@ import pytest
 import xarray as xr
 
 from stages import config as C
-from stages.fine import FineProblem, SFParam, refine, sf_params_from_config
+from stages.fine import FineProblem, refine, sf_params_from_config
 from stages.load import load_pattern
 from stages.physics.beams import Selection
 from stages.physics.gof import make_gof
