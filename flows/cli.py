@@ -205,38 +205,8 @@ def _print_table(ds) -> None:
     print("  sum        |" + "".join(f"{total[c]:10.5f}" for c in cols))
 
 
-def run_name(config_path: Path) -> str:
-    """results/<run>: the config's stem, or its folder's name for a file called config.toml."""
-    p = Path(config_path)
-    return p.parent.resolve().name if p.stem == "config" else p.stem
-
-
-def cmd_prepare(args) -> int:
-    """Load the pattern and sample the ROI of a run config; write pattern.zarr and roi.zarr."""
-    import numpy as np
-
-    from stages.store import write_store
-
-    cfg, model, pattern, pg, roi = _prepared(args.config)
-    regions, padding = roi.attrs["regions"], roi.attrs["padding"]
-    regions = json.loads(regions)
-    out = Path(args.results) / run_name(cfg.path)
-    write_store(pattern, out / "pattern.zarr")
-    write_store(roi, out / "roi.zarr")
-    shape = "x".join(str(n) for n in pattern.intensity.shape)
-    print(f"pattern: {pattern.attrs['kind']} {shape} (source dtype {pattern.attrs.get('dtype', '?')}), "
-          f"{int((~pattern.valid.values).sum())} unusable pixels")
-    print(f"calibration: {pattern.attrs.get('calibration', '{}')}")
-    kt = roi.kt.values
-    print(f"roi: {len(regions)} region(s), {roi.sizes['point']} points ({int(roi.inner.sum())} compared, padding {padding}), "
-          f"{roi.sizes['disk']} disks; {roi.attrs['n_points_valid']} valid samples, {roi.attrs['n_points_excluded']} excluded")
-    print(f"tilts: kt from {np.round(kt.min(0), 4).tolist()} to {np.round(kt.max(0), 4).tolist()} (hkl units), "
-          f"{pg.pixel_size_invA:.5f} 1/Å per pixel")
-    print(f"wrote {out / 'pattern.zarr'} and {out / 'roi.zarr'}")
-    return 0
-
-
 def _prepared(config_path):
+    """(cfg, model, pattern, pattern geometry, roi) of a run config, in memory (for scripts and tests)."""
     from stages import config as C
     from stages.errors import QcbedInputError
     from stages.load import load_pattern
@@ -253,56 +223,203 @@ def _prepared(config_path):
     return cfg, model, pattern, pg, roi
 
 
-def cmd_refine(args) -> int:
-    """Fine refinement of the structure factors and geometry of one run config."""
+def cmd_prepare(args) -> int:
+    """The load and roi stages of a run config (plain Python, no Prefect): pattern.zarr and roi.zarr."""
     import numpy as np
 
-    from stages import config as C
-    from stages.fine import refine
+    from stages import pipeline as P
+    from stages.store import open_store
 
-    cfg, model, pattern, pg, roi = _prepared(args.config)
-    problem = C.fine_problem(cfg, model, pg, pattern, roi)
-    if args.thickness is not None:
-        problem.thickness0 = float(args.thickness)
-    r = cfg.section("refine")
-    start = {p.label: p.x0 for p in problem.sf}
+    cfg = _validated(args.config)
+    plan = P.make_plan(cfg, args.results)
+    with P.RunLock(plan.run_dir):
+        P.write_run_record(plan)
+        for s in ("load", "roi"):
+            P.run_stage(plan, s)
+    pattern, roi = open_store(plan.store("load")), open_store(plan.store("roi"))
+    regions = json.loads(roi.attrs["regions"])
+    shape = "x".join(str(n) for n in pattern.intensity.shape)
+    print(f"pattern: {pattern.attrs['kind']} {shape} (source dtype {pattern.attrs.get('dtype', '?')}), "
+          f"{int((~pattern.valid.values.astype(bool)).sum())} unusable pixels")
+    print(f"calibration: {pattern.attrs.get('calibration', '{}')}")
+    kt = roi.kt.values
+    print(f"roi: {len(regions)} region(s), {roi.sizes['point']} points ({int(roi.inner.sum())} compared, padding "
+          f"{roi.attrs['padding']}), {roi.sizes['disk']} disks; {roi.attrs['n_points_valid']} valid samples, "
+          f"{roi.attrs['n_points_excluded']} excluded")
+    print(f"tilts: kt from {np.round(kt.min(0), 4).tolist()} to {np.round(kt.max(0), 4).tolist()} (hkl units)")
+    print(f"wrote {plan.store('load')} and {plan.store('roi')}")
+    return 0
+
+
+def _validated(source):
+    from flows.pipeline import load_run_config  # noqa: F401  (configures Prefect's environment first)
+
+    return load_run_config(source)
+
+
+def _validate_all(sources) -> list:
+    """Validate every config before anything runs; all problems of all configs reported together."""
+    from stages.errors import QcbedInputError
+
+    cfgs, problems = [], []
+    for s in sources:
+        try:
+            cfgs.append(_validated(s))
+        except QcbedInputError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise QcbedInputError(f"{len(problems)} of {len(sources)} config(s) invalid", "\n  " + "\n  ".join(problems),
+                              "fix them and run again; nothing was run")
+    return cfgs
+
+
+def _print_results(run_dir: Path) -> None:
+    from stages.report import summarize
+
+    try:
+        s = summarize(run_dir)
+    except FileNotFoundError:
+        return
+    print(f"[{run_dir.name}] {s['gof_name']} {s['gof_start']:.5g} -> {s['gof']:.5g} (reduced), "
+          f"{'converged' if s['converged'] else 'NOT converged'}; report: {run_dir / 'report' / 'report.md'}")
+    for p in s["parameters"]:
+        iam = ""
+        if p.get("iam") is not None:
+            ch = f" ({p['change_percent']:+.2f} %)" if p.get("change_percent") is not None else " (zero in the IAM)"
+            iam = f"   IAM {p['iam']:.6g}{ch}"
+        print(f"    {p['name']:<26}{p['value']:>14.7g} ± {p['sigma']:.2g} {p['units']}{iam}")
+
+
+def cmd_run(args) -> int:
+    """Run configs through the Prefect pipeline: one in this process, several in parallel on dask."""
+    from stages import pipeline as P
+
+    cfgs = _validate_all(args.config)
+    from flows.pipeline import refine_many, refine_pattern
+
+    runs = [P.make_plan(c, args.results).run_dir for c in cfgs]
+    if len(set(runs)) != len(runs):
+        from stages.errors import QcbedInputError
+
+        raise QcbedInputError("CONFIG", "two configs write the same results folder",
+                              "give each a distinct file name or [run] name")
     t0 = time.perf_counter()
+    if len(args.config) == 1 and not args.dask_address:
+        refine_pattern(str(args.config[0]), str(args.results), until=args.until)
+        failed = False
+    else:
+        out = refine_many([str(c) for c in args.config], str(args.results), args.dask_address,
+                          min(args.workers, len(args.config)) if not args.dask_address else args.workers, args.until)
+        failed = any("error" in v for v in out.values())
+    for r in runs:
+        _print_results(r)
+    print(f"finished in {time.perf_counter() - t0:.0f} s")
+    return 1 if failed else 0
 
-    def progress(it, simplex, fsim, best):
-        vals = " ".join(f"{p.label}={v:.6g}" for p, v in zip(problem.sf, best))
-        print(f"  iteration {it:4d}  {problem.gof.name} {fsim[0]:.5g}  {vals}  "
-              f"({problem.counters['eigen_solves']} solves, {time.perf_counter() - t0:.0f} s)", flush=True)
 
-    res = refine(problem, max_iterations=args.max_iterations or int(r.get("max_iterations", 200)),
-                 initial_step=float(r.get("initial_step", 0.1)), xatol=float(r.get("xatol", 1e-4)),
-                 callback=None if args.quiet else progress)
-    out = Path(args.results) / run_name(cfg.path)
-    record = {
-        "config": str(cfg.path), "gof_name": problem.gof.name, "gof_start": res.gof_start, "gof": res.gof,
-        "converged": res.converged, "n_points": res.n_points, "dof": res.dof, "scale": res.scale,
-        "background": np.asarray(res.background).tolist(),
-        "parameters": [{"name": n, "value": float(v), "sigma": float(s), "start": start.get(n)}
-                       for n, v, s in zip(res.names, res.values, res.sigma)],
-        "correlation": np.nan_to_num(res.correlation).tolist(), "counters": res.counters,
-        "trace": [{"iteration": it, "values": v, "gof": f} for it, v, f in res.trace],
-    }
-    _atomic_write_text(out / "fine.json", json.dumps(record, indent=1) + "\n")
-    print(f"{problem.gof.name}: {res.gof_start:.4f} -> {res.gof:.4f} (reduced), {res.n_points} points, dof {res.dof}, "
-          f"{'converged' if res.converged else 'not converged'} after {res.counters['outer_iterations']} iterations")
-    print(f"{'parameter':<28}{'start':>14}{'refined':>14}{'sigma':>12}")
-    for p in record["parameters"]:
-        st = "" if p["start"] is None else f"{p['start']:.6g}"
-        print(f"{p['name']:<28}{st:>14}{p['value']:>14.6g}{p['sigma']:>12.2g}")
-    c = res.counters
-    print(f"eigen-solves {c['eigen_solves']}, inner evaluations {c['inner_evaluations']}, "
-          f"solve {c['solve_s']:.1f} s, inner {c['inner_s']:.1f} s, total {c['total_s']:.1f} s")
-    print(f"wrote {out / 'fine.json'}")
+def cmd_status(args) -> int:
+    from stages import pipeline as P
+
+    root = Path(args.results)
+    if not root.exists():
+        from stages.errors import QcbedInputError
+
+        raise QcbedInputError(str(root), "no such results folder", "give the folder given to qcbed run --results")
+    runs = [root] if (root / P.RUN_RECORD).exists() else sorted(d for d in root.iterdir() if (d / P.RUN_RECORD).exists())
+    if not runs:
+        print(f"no runs in {root}")
+        return 0
+    for d in runs:
+        st = P.run_status(d)
+        state = f"RUNNING ({st.running})" if st.running else ("finished" if st.stages and all(
+            v == "done" for v in st.stages.values()) else "incomplete")
+        print(f"{d.name}: {state}")
+        print("    " + "  ".join(f"{s} {v}" for s, v in st.stages.items()))
+        if st.last_iteration is not None or st.gof is not None:
+            it = f"last checkpoint: iteration {st.last_iteration}; " if st.last_iteration is not None else ""
+            print(f"    {it}{st.gof_name or 'GOF'} {st.gof:.6g}" if st.gof is not None else f"    {it}")
+        if st.note:
+            print(f"    note: {st.note}")
+    return 0
+
+
+def cmd_rerun(args) -> int:
+    """Re-execute a finished run from its stored config, from scratch, and compare its numbers."""
+    import datetime as dt
+    import shutil
+
+    import numpy as np
+
+    from stages import pipeline as P
+    from stages.errors import QcbedInputError
+    from stages.store import open_store
+
+    run = Path(args.run)
+    if not (run / "fine.zarr" / "zarr.json").exists():
+        raise QcbedInputError(str(run), "not a finished run (no fine.zarr)", "give results/<run> of a finished qcbed run")
+    cfg = _validated(run)
+    from flows.pipeline import refine_pattern
+
+    rec = json.loads((run / P.RUN_RECORD).read_text())
+    plan = P.make_plan(cfg, run.parent, run_dir=run)
+    changed = [f for f, v in plan.digests.items() if rec.get("input_digests", {}).get(f) != v]
+    if changed:
+        print(f"note: input files changed since the run: {', '.join(changed)}")
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    new = run.parent / f".rerun-{run.name}-{stamp}"
+    print(f"re-running {run.name} from its stored config into {new} (from scratch)")
+    t0 = time.perf_counter()
+    refine_pattern(str(run), str(run.parent), run_dir=str(new))
+    a, b = open_store(run / "fine.zarr"), open_store(new / "fine.zarr")
+    rows, worst = [], 0.0
+    for i, name in enumerate(a.param.values.tolist()):
+        va, vb, sa = float(a.value[i]), float(b.value[i]), float(a.sigma[i])
+        dev = abs(vb - va) / sa if sa > 0 else (0.0 if va == vb else np.inf)
+        worst = max(worst, dev)
+        rows.append({"name": name, "stored": va, "rerun": vb, "sigma": sa, "difference_in_sigma": dev})
+    same = worst <= args.tolerance_sigma
+    identical = all(r["stored"] == r["rerun"] for r in rows)
+    verdict = "reproduced bit for bit" if identical else (
+        f"reproduced within {args.tolerance_sigma} sigma (largest difference {worst:.2g} sigma)" if same else
+        f"NOT reproduced: largest difference {worst:.3g} sigma")
+    for r in rows:
+        print(f"    {r['name']:<26}{r['stored']:>16.9g}{r['rerun']:>16.9g}   {r['difference_in_sigma']:.2g} sigma")
+    print(f"{run.name}: {verdict} ({time.perf_counter() - t0:.0f} s)")
+    P.atomic_write_text(run / f"rerun-{stamp}.json", json.dumps(
+        {"verdict": verdict, "reproduced": bool(same), "identical": identical, "tolerance_sigma": args.tolerance_sigma,
+         "parameters": rows, "changed_inputs": changed, "versions": P.dependency_versions()}, indent=1) + "\n")
+    if args.keep:
+        print(f"kept the rerun in {new}")
+    else:
+        shutil.rmtree(new, ignore_errors=True)
+    return 0 if same else 1
+
+
+def cmd_serve(args) -> int:
+    from stages.errors import QcbedInputError
+
+    watch = Path(args.watch)
+    if not watch.is_dir():
+        raise QcbedInputError("--watch", f"{watch} is not a folder", "give the folder of run configs (*.toml)")
+    from flows.pipeline import facility_batch
+
+    params = {"config_dir": str(watch.resolve()), "results_dir": str(Path(args.results).resolve()),
+              "dask_address": args.dask_address, "n_workers": args.workers}
+    if args.once:
+        out = facility_batch(**params)
+        return 1 if out["invalid"] or any("error" in v for v in out["results"].values()) else 0
+    if not os.environ.get("PREFECT_API_URL"):
+        raise QcbedInputError("PREFECT_API_URL", "not set: schedules need a Prefect server (a temporary one cannot schedule)",
+                              "start `prefect server start` in another shell and export "
+                              "PREFECT_API_URL=http://127.0.0.1:4200/api; or call `qcbed serve --once` (or qcbed run) from cron")
+    print(f"serving deployment qcbed-facility/{args.name} on cron {args.cron!r} over {watch} (Ctrl-C to stop)")
+    facility_batch.serve(name=args.name, cron=args.cron, parameters=params, limit=1)
     return 0
 
 
 def cmd_demo(args) -> int:
     """Run the shipped examples: Si [110] thickness series (results/demo/), and the synthetic Si CBED
-    pattern loaded, sampled through its ROI and refined (results/si_cbed/)."""
+    pattern through the whole pipeline (results/si_cbed/)."""
     out = Path(args.results) / "demo"
     argv = ["simulate", str(REPO_DATA / "si.cif"), "--hv", "200", "--zone", "1", "1", "0",
             "--thickness", "200:3000:200", "--absorption", "0.05",
@@ -311,13 +428,11 @@ def cmd_demo(args) -> int:
     rc = main(argv)
     if rc:
         return rc
-    argv = ["prepare", str(REPO_DATA / "si_cbed" / "config.toml"), "--results", str(args.results)]
-    print("\nqcbed " + " ".join(argv))
-    rc = main(argv)
-    if rc or args.no_refine:
-        return rc
-    argv = ["refine", str(REPO_DATA / "si_cbed" / "config.toml"), "--results", str(args.results)]
-    print("\nqcbed " + " ".join(argv) + "   (about 3 minutes; truth in data/si_cbed/si_cbed_truth.json)")
+    argv = ["run", str(REPO_DATA / "si_cbed" / "config.toml"), "--results", str(args.results)]
+    if args.no_refine:
+        argv += ["--until", "variance"]
+    print("\nqcbed " + " ".join(argv) + ("" if args.no_refine else
+          "   (about 4 minutes; truth in data/si_cbed/si_cbed_truth.json)"))
     return main(argv)
 
 
@@ -362,29 +477,65 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     s.set_defaults(func=cmd_simulate)
 
-    pr = sub.add_parser("prepare", help="load a pattern and sample its regions of interest (run config)",
-                        description="Validate a run config, load its pattern and sample the ROI at the configured "
-                                    "geometry; write RESULTS/<run>/pattern.zarr and roi.zarr and print a summary.")
+    pr = sub.add_parser("prepare", help="load a pattern and sample its regions of interest (quick check of a config)",
+                        description="Validate a run config, run its load and roi stages (no Prefect) and print a summary; "
+                                    "writes RESULTS/<run>/pattern.zarr and roi.zarr (reused by qcbed run).")
     pr.add_argument("config", help="run config (.toml), e.g. data/si_cbed/config.toml")
     pr.add_argument("--results", default="results", help="results folder (default: results)")
     pr.set_defaults(func=cmd_prepare)
 
-    rf = sub.add_parser("refine", help="refine structure factors and geometry of a run config",
-                        description="Load the pattern, sample the ROI and run the nested fine refinement "
-                                    "(Nelder-Mead over structure factors, Powell over geometry); write RESULTS/<run>/fine.json.")
-    rf.add_argument("config", help="run config (.toml) with a [refine] section")
-    rf.add_argument("--results", default="results", help="results folder (default: results)")
-    rf.add_argument("--max-iterations", type=int, help="outer iterations (default: refine.max_iterations or 200)")
-    rf.add_argument("--thickness", type=float, metavar="A", help="starting thickness in Å (default: simulation.thickness_A)")
-    rf.add_argument("-q", "--quiet", action="store_true", help="no per-iteration progress")
-    rf.set_defaults(func=cmd_refine)
+    from stages.pipeline import STAGES
+
+    r = sub.add_parser("run", help="run configs through the pipeline (Prefect; several in parallel on dask)",
+                       description="Validate every config (all problems reported together), then run the stages "
+                                   f"{', '.join(STAGES)} of each into RESULTS/<run>/ (one zarr store per stage). A stage "
+                                   "whose store was made from the same inputs is skipped; an interrupted fine "
+                                   "refinement resumes from its last iteration. One config runs in this process; "
+                                   "several run in parallel on a local dask cluster (or --dask-address).")
+    r.add_argument("config", nargs="+", help="run configs (.toml)")
+    r.add_argument("--results", default="results", help="results folder (default: results)")
+    r.add_argument("--dask-address", metavar="tcp://HOST:PORT", help="an existing dask scheduler (default: a local cluster)")
+    r.add_argument("--workers", type=int, default=2, help="local dask worker processes, one BLAS thread each (default 2)")
+    r.add_argument("--until", choices=STAGES, help="stop after this stage")
+    r.set_defaults(func=cmd_run)
+
+    st = sub.add_parser("status", help="stages done or pending, last checkpoint and GOF of each run",
+                        description="For each run under RESULTS (or one run folder): each stage done, stale (its "
+                                    "inputs changed), pending or corrupt; whether it is running; the last fine "
+                                    "checkpoint and its GOF.")
+    st.add_argument("results", nargs="?", default="results", help="results folder or one run folder (default: results)")
+    st.set_defaults(func=cmd_status)
+
+    rr = sub.add_parser("rerun", help="re-execute a finished run from its stored config and compare the numbers",
+                        description="Re-runs results/<run> from scratch from the config stored in its run.json (input "
+                                    "files are checked against their recorded digests) into a temporary folder, and "
+                                    "reports whether the refined values reproduce the stored ones (exit 0) or not (1).")
+    rr.add_argument("run", help="a finished run folder, e.g. results/si_cbed")
+    rr.add_argument("--tolerance-sigma", type=float, default=0.01,
+                    help="largest accepted difference, in standard errors of the stored values (default 0.01)")
+    rr.add_argument("--keep", action="store_true", help="keep the rerun's folder (default: removed after comparing)")
+    rr.set_defaults(func=cmd_rerun)
+
+    sv = sub.add_parser("serve", help="serve a Prefect deployment that refines a folder of configs on a schedule",
+                        description="Every CRON tick, refine each config (*.toml) in the watched folder that is not "
+                                    "finished (finished ones are skipped). Needs a Prefect server: `prefect server "
+                                    "start` and PREFECT_API_URL; --once runs the same work once, now, without one.")
+    sv.add_argument("--watch", required=True, metavar="DIR", help="folder of run configs")
+    sv.add_argument("--cron", default="0 2 * * *", help='schedule (default "0 2 * * *": every night at 02:00)')
+    sv.add_argument("--results", default="results", help="results folder (default: results)")
+    sv.add_argument("--name", default="facility", help="deployment name (default: facility)")
+    sv.add_argument("--dask-address", metavar="tcp://HOST:PORT", help="an existing dask scheduler")
+    sv.add_argument("--workers", type=int, default=2, help="local dask worker processes (default 2)")
+    sv.add_argument("--once", action="store_true", help="process the folder once now and exit")
+    sv.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="run the shipped example end to end into results/",
-                       description="Simulate the shipped silicon example (data/si.cif) into RESULTS/demo/, then load the "
-                                   "synthetic Si CBED example, sample its ROI and refine U_111, U_222 and the geometry "
-                                   "into RESULTS/si_cbed/.")
+                       description="Simulate the shipped silicon example (data/si.cif) into RESULTS/demo/, then run the "
+                                   "synthetic Si CBED example (data/si_cbed) through the whole pipeline into "
+                                   "RESULTS/si_cbed/: load, roi, iam, variance, fine refinement of U_111, U_222 and the "
+                                   "geometry, report.")
     d.add_argument("--results", default="results", help="results folder (default: results)")
-    d.add_argument("--no-refine", action="store_true", help="stop after loading and sampling the CBED example")
+    d.add_argument("--no-refine", action="store_true", help="stop before the refinement")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -437,11 +437,17 @@ class FineResult:
 
 
 def refine(problem: FineProblem, max_iterations: int = 200, xatol: float = 1e-4, fatol: float = 1e-7,
-           initial_step: float = 0.1, callback=None, start_simplex=None, start_iteration: int = 0) -> FineResult:
+           initial_step: float = 0.1, callback=None, start_simplex=None, start_iteration: int = 0,
+           start_fsim=None, gof_start: float | None = None, on_start=None) -> FineResult:
     """Run the nested refinement; returns values, uncertainties, geometry, trace and counters.
 
     Nelder-Mead runs in chunks of one iteration so that ``callback(iteration, simplex, fsimplex, best)``
-    can checkpoint; ``start_simplex`` (with its values) continues an interrupted run exactly.
+    can checkpoint (simplex in unit coordinates).  A checkpoint continues an interrupted run exactly:
+    ``start_simplex`` and its values ``start_fsim`` (seeded into the memo, so the vertices are not
+    re-solved), ``start_iteration``, and the recorded ``gof_start``.  Nelder-Mead's whole state is
+    the ordered simplex and its values, and the objective does not depend on history, so the resumed
+    run takes the same steps as an uninterrupted one (tested bit-identical).  ``on_start(gof_start)``
+    is called once the starting point is evaluated (before the first iteration).
     """
     t_start = time.perf_counter()
     memo: dict = {}
@@ -457,7 +463,13 @@ def refine(problem: FineProblem, max_iterations: int = 200, xatol: float = 1e-4,
         return memo[key][0]
 
     u0 = problem.to_unit([p.x0 for p in sf])
-    gof_start = objective(u0)
+    if start_simplex is not None and start_fsim is not None:
+        for u, f in zip(np.asarray(start_simplex, float), np.asarray(start_fsim, float)):
+            memo[np.asarray(u, float).tobytes()] = (float(f), None, None)
+    if gof_start is None:
+        gof_start = objective(u0)
+    if on_start is not None:
+        on_start(float(gof_start))
     if start_simplex is not None:
         sim = np.asarray(start_simplex, float)
     else:

@@ -31,6 +31,7 @@ def write_store(ds: xr.Dataset, store: str | Path) -> Path:
     for junk in parent.glob(f".{store.name}.tmp-*"):
         shutil.rmtree(junk, ignore_errors=True)
     tmp = parent / f".{store.name}.tmp-{uuid.uuid4().hex[:8]}"
+    ds = _variable_length_strings(ds)
     ds.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False)
     if store.exists():
         old = parent / f".{store.name}.old-{uuid.uuid4().hex[:8]}"
@@ -40,6 +41,14 @@ def write_store(ds: xr.Dataset, store: str | Path) -> Path:
     else:
         os.rename(tmp, store)
     return store
+
+
+def _variable_length_strings(ds: xr.Dataset) -> xr.Dataset:
+    """Fixed-width numpy strings ('<U10') have no zarr v3 specification (zarr warns); variable-length
+    strings (object arrays of str) do."""
+    conv = {k: v.astype(object) for k, v in ds.variables.items() if v.dtype.kind == "U"}
+    return ds.assign_coords({k: v for k, v in conv.items() if k in ds.coords}).assign(
+        {k: v for k, v in conv.items() if k in ds.data_vars}) if conv else ds
 
 
 def open_store(store: str | Path) -> xr.Dataset:

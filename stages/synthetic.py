@@ -180,3 +180,80 @@ def write_example(folder: str | Path, name: str, counts: np.ndarray, truth: dict
         np.save(folder / files["variance"], variance.astype(dtype))
     (folder / files["truth"]).write_text(json.dumps(truth, indent=1) + "\n")
     return files
+
+
+def write_small_larbed_run(folder: str | Path, name: str = "small", *, seed: int = 0, thickness_A: float = 900.0,
+                           u_factor: float = 0.97, size: int = 20, roi_half: int = 6, max_iterations: int = 60,
+                           refine_u222: bool = False) -> Path:
+    """A small synthetic Si LARBED run (pattern, variance, truth and config.toml) for pipeline tests and
+    benchmarks: 4 disks (000, ±1-1-1, 2-2-2) of size x size tilts, 200 kV, true U(1-1-1) = u_factor x IAM,
+    Poisson noise at 1e4 counts; the config refines U(1-1-1) (and U(2-2-2)) with thickness and shift from
+    the IAM and thickness + 2%.  A reduced beam selection keeps one outer evaluation well under a second.
+    Returns the config path."""
+    from .physics.beams import Selection
+    from .physics.crystal_io import load_crystal
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cif = Path(__file__).resolve().parent.parent / "data" / "si.cif"
+    si = load_crystal(cif)
+    g1 = (1, -1, -1)
+    disks = [(0, 0, 0), g1, (-1, 1, 1), (2, -2, -2)]
+    sel = Selection(g_max=3.0, sg_max=0.5, sg_strong=0.02)
+    truth = ForwardModel(si, 200.0, (1, 1, 0), x_axis=g1, absorption="proportional", absorption_fraction=0.02,
+                         selection=sel, tile_invA=0.5)
+    u_true = u_factor * truth.potential.iam([g1])[0].real
+    truth.potential.set(g1, U=u_true)
+    c = (size - 1) / 2
+    pg = PatternGeometry(truth.geometry, "larbed", gl_px=40.0, rotation_deg=-10.0, centre_px=(c, c),
+                         tilt0=tuple(truth.geometry.kt_from_xy(-0.16, 4.0)))
+    counts, _, var, info = make_larbed(truth, pg, (size, size), disks, thickness_A,
+                                       Effects(scale=1e4, background=30.0, noise="poisson", seed=seed))
+    info = {**info, "U(1 -1 -1)": float(u_true)}
+    write_example(folder, name, counts, info, variance=np.maximum(var, 1.0), dtype="float64")
+    refl = f'  {{hkl = [1, -1, -1], refine = ["U"], range_percent = 5}},\n'
+    if refine_u222:
+        refl += '  {hkl = [2, -2, -2], refine = ["U"], U_range = [-2.0e-3, 0.0]},\n'
+    text = f"""# Small synthetic Si LARBED run (stages.synthetic.write_small_larbed_run, seed {seed}).
+[crystal]
+file = "{cif}"
+
+[microscope]
+hv_kV = 200.0
+zone = [1, 1, 0]
+x_axis = [1, -1, -1]
+
+[simulation]
+thickness_A = {thickness_A * 1.02}
+absorption = "proportional"
+absorption_fraction = 0.02
+g_max = 3.0
+sg_max = 0.5
+sg_strong = 0.02
+tile_invA = 0.5
+
+[pattern]
+kind = "larbed"
+file = "{name}.npy"
+hkl = [[0, 0, 0], [1, -1, -1], [-1, 1, 1], [2, -2, -2]]
+variance = "{name}_variance.npy"
+
+[geometry]
+gl_px = 40.0
+rotation_deg = -10.0
+centre_px = [{c}, {c}]
+tilt0_xy_invA = [-0.16, 4.0]
+
+[roi]
+regions = [{{corners = [[-{roi_half}.0, -{roi_half}.0], [{roi_half}.0, -{roi_half}.0], [-{roi_half}.0, {roi_half}.0]], samples = [{2 * roi_half + 1}, {2 * roi_half + 1}]}}]
+
+[refine]
+gof = "Chi2_LARBED"
+reflections = [
+{refl}]
+geometry = ["thickness", "shift"]
+max_iterations = {max_iterations}
+"""
+    path = folder / f"{name}.toml"
+    path.write_text(text)
+    return path

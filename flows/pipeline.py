@@ -1,0 +1,209 @@
+"""Prefect flows: one pattern's stage chain, many patterns in parallel through dask, scheduled folders.
+
+* :func:`refine_pattern` (flow ``qcbed-pattern``): validates the config, locks ``results/<run>``,
+  writes ``run.json`` and runs each stage of :mod:`stages.pipeline` as a Prefect task.  Tasks pass
+  paths and keys only (never arrays); each stage skips itself when its store carries its key.
+* :func:`refine_many` (flow ``qcbed-batch``): patterns run concurrently on a thread pool in this
+  process; the heavy stages (coarse, fine) of each are handed to a dask cluster as plain functions
+  (``client.submit``), so dask workers never need Prefect or its API.  A local cluster of
+  ``n_workers`` single-threaded processes by default, or an existing scheduler (``dask_address``).
+  (prefect-dask's DaskTaskRunner was measured to start one temporary Prefect server per worker
+  without a Prefect server, 14.4 s against 4.05 s for four 2 s tasks: ../shared/research/stack.md §4.)
+* :func:`facility_batch` (flow ``qcbed-facility``): every config of a folder that is not finished,
+  refined through :func:`refine_many`; served on a cron schedule by ``qcbed serve``.
+
+Prefect runs without a server (a temporary local one per process) and quietly: telemetry off, a
+project ``PREFECT_HOME``; with ``PREFECT_API_URL`` set, runs appear in that server's UI.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+QUIET_PREFECT = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "PREFECT_SERVER_UI_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
+
+
+def configure_environment(prefect_home: str | Path | None = None) -> None:
+    """Offline-safe, quiet Prefect settings (user's own settings win); call before importing prefect."""
+    for k, v in QUIET_PREFECT.items():
+        os.environ.setdefault(k, v)
+    if "PREFECT_HOME" not in os.environ and "PREFECT_API_URL" not in os.environ:
+        home = Path(prefect_home) if prefect_home else Path.home() / ".cache" / "qcbed" / "prefect"
+        os.environ["PREFECT_HOME"] = str(home)
+    if "PREFECT_HOME" in os.environ:
+        Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
+    for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(v, "1")
+
+
+configure_environment()
+
+import logging  # noqa: E402
+import threading  # noqa: E402
+
+from prefect import flow, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
+
+from stages import pipeline as P  # noqa: E402
+from stages.errors import QcbedInputError  # noqa: E402
+
+class _InputErrorFilter(logging.Filter):
+    """Keep bad-input failures (QcbedInputError) off the terminal: the command line prints them as one
+    line naming the field and the fix.  Only console handlers get this filter; the Prefect API (UI)
+    still receives the full record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, QcbedInputError):
+            return False
+        return "QcbedInputError" not in record.getMessage()
+
+
+def _filter_console_logs() -> None:
+    for name in ("", "prefect"):
+        for h in logging.getLogger(name).handlers:
+            if "Console" in type(h).__name__ and not any(isinstance(f, _InputErrorFilter) for f in h.filters):
+                h.addFilter(_InputErrorFilter())
+
+
+_filter_console_logs()
+
+HEAVY = ("coarse", "fine")
+_CLIENT: dict = {}  # the dask client of this process (set by refine_many)
+_LOCK = threading.Lock()
+
+
+def load_run_config(source: str | Path):
+    """A RunConfig from a TOML file, or from a run record (``results/<run>/run.json``) for reruns.
+
+    Validated before anything runs: every problem is reported together with its field path."""
+    from stages import config as C
+
+    source = Path(source)
+    if source.name == P.RUN_RECORD or source.is_dir():
+        import json
+
+        rec_path = source / P.RUN_RECORD if source.is_dir() else source
+        if not rec_path.exists():
+            raise QcbedInputError(str(source), f"no {P.RUN_RECORD} here (not a qcbed run folder)",
+                                  "give a folder results/<run> written by qcbed run")
+        try:
+            rec = json.loads(rec_path.read_text())
+            cfg = C.RunConfig(Path(rec["config_path"]), P.tomllib_loads(rec["config_text"]))
+        except (OSError, ValueError, KeyError) as exc:
+            raise QcbedInputError(str(rec_path), f"unreadable run record ({type(exc).__name__}: {exc})") from None
+        return C.validate_run_config(cfg) if hasattr(C, "validate_run_config") else cfg
+    if hasattr(C, "validate_config"):
+        return C.validate_config(source)
+    return C.load_config(source)
+
+
+def _remote_stage(config_source: str, run_dir: str, stage: str) -> str:
+    """A stage on a dask worker: one BLAS thread, paths in, status out."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, user_api="blas"):
+        plan = P.make_plan(load_run_config(config_source), Path(run_dir).parent, run_dir=run_dir)
+        return P.run_stage(plan, stage)
+
+
+@task(cache_policy=NO_CACHE, persist_result=False)
+def stage_task(config_source: str, run_dir: str, stage: str, remote: bool = False) -> str:
+    client = _CLIENT.get("client")
+    if remote and client is not None and stage in HEAVY:
+        return client.submit(_remote_stage, config_source, run_dir, stage, pure=False).result()
+    plan = P.make_plan(load_run_config(config_source), Path(run_dir).parent, run_dir=run_dir)
+    return P.run_stage(plan, stage)
+
+
+@flow(name="qcbed-pattern", persist_result=False)
+def refine_pattern(config_source: str, results_dir: str = "results", run_dir: str | None = None,
+                   until: str | None = None, remote: bool = False) -> dict:
+    """Every stage of one run, in order; returns {stage: 'skipped' | 'done' | 'resumed'}."""
+    cfg = load_run_config(config_source)
+    plan = P.make_plan(cfg, results_dir, run_dir=run_dir)
+    out = {}
+    with P.RunLock(plan.run_dir):
+        P.write_run_record(plan)
+        for s in plan.stages:
+            out[s] = stage_task.with_options(name=f"{s}")(str(config_source), str(plan.run_dir), s, remote)
+            if s == until:
+                break
+    return out
+
+
+@task(cache_policy=NO_CACHE, persist_result=False)
+def pattern_task(config_source: str, results_dir: str, until: str | None) -> dict:
+    try:
+        return refine_pattern(config_source, results_dir, until=until, remote=True)
+    except QcbedInputError as exc:  # one pattern's bad input does not stop the others
+        print(f"[{Path(config_source).stem}] error: {exc}", flush=True)
+        return {"error": str(exc)}
+
+
+def dask_client(dask_address: str | None = None, n_workers: int = 2):
+    """A dask Client: to an existing scheduler, or a local cluster of single-threaded worker processes."""
+    from dask.distributed import Client, LocalCluster
+
+    if dask_address:
+        try:
+            return Client(dask_address, timeout="20s")
+        except (OSError, TimeoutError) as exc:
+            raise QcbedInputError("--dask-address", f"cannot reach the dask scheduler {dask_address}: {exc}",
+                                  "start it with `dask scheduler` and `dask worker ADDRESS`, or leave the option out") from None
+    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                           silence_logs=logging.WARNING)
+    return Client(cluster)
+
+
+@flow(name="qcbed-batch", persist_result=False, task_runner=ThreadPoolTaskRunner(max_workers=16))
+def refine_many(config_sources: list[str], results_dir: str = "results", dask_address: str | None = None,
+                n_workers: int = 2, until: str | None = None) -> dict:
+    """Many patterns at once: {config: {stage: status} or {'error': message}}."""
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    with _LOCK:
+        client = dask_client(dask_address, n_workers)
+        _CLIENT["client"] = client
+    try:
+        futures = {c: pattern_task.submit(str(c), results_dir, until) for c in config_sources}
+        return {c: f.result() for c, f in futures.items()}
+    finally:
+        _CLIENT.pop("client", None)
+        cluster = getattr(client, "cluster", None)
+        client.close()
+        if cluster is not None and not dask_address:
+            cluster.close()
+
+
+def pending_configs(config_dir: str | Path, results_dir: str | Path) -> tuple[list[str], list[str], dict]:
+    """(configs with work left, configs finished, {config: error}) of a folder of *.toml files."""
+    todo, done, bad = [], [], {}
+    for path in sorted(Path(config_dir).glob("*.toml")):
+        try:
+            plan = P.make_plan(load_run_config(path), results_dir)
+        except QcbedInputError as exc:
+            bad[str(path)] = str(exc)
+            continue
+        states = [P.store_state(plan, s) for s in plan.stages]
+        (done if all(s == "done" for s in states) else todo).append(str(path))
+    return todo, done, bad
+
+
+@flow(name="qcbed-facility", persist_result=False)
+def facility_batch(config_dir: str, results_dir: str = "results", dask_address: str | None = None,
+                   n_workers: int = 2) -> dict:
+    """Refine every config in ``config_dir`` that is not finished; skip the finished ones."""
+    todo, done, bad = pending_configs(config_dir, results_dir)
+    print(f"[facility] {config_dir}: {len(todo)} to refine, {len(done)} finished, {len(bad)} invalid", flush=True)
+    for c, e in bad.items():
+        print(f"[facility] skipping invalid config {c}: {e}", flush=True)
+    results = refine_many(todo, results_dir, dask_address, n_workers) if todo else {}
+    return {"refined": todo, "skipped": done, "invalid": bad, "results": results}

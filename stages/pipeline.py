@@ -1,0 +1,727 @@
+"""The stages of one run, each a pure computation plus its own zarr store, with stage keys.
+
+A run = one config file = one pattern; its stores go to ``results/<run>/`` (../shared/DESIGN.md):
+
+==========  ==========================  ===============================================================
+stage       store                       key made of
+==========  ==========================  ===============================================================
+load        pattern.zarr                [pattern], content digests of every file it reads
+roi         roi.zarr                    [roi], [geometry], [microscope], crystal, scattering table, load
+iam         structure_factors.zarr      crystal, [microscope], [simulation] physics, refined reflections
+variance    variance.zarr               pattern.detector, load
+coarse      coarse.zarr                 [coarse], crystal, [microscope], [simulation], [geometry], roi
+                                        disks, load (only when the config has an enabled [coarse])
+fine        fine.zarr (+ fine_trace)    [refine], crystal, [microscope], [simulation], load, roi,
+                                        variance, coarse
+report      report/                     fine, iam, coarse
+==========  ==========================  ===============================================================
+
+Keys are sha256 digests of canonical JSON of those parts plus the stage name and the package
+version; upstream stores enter by their key, so keys chain like a Merkle tree and nothing computed
+is re-hashed (../shared/research/stack.md §2).  Keys are computed from the config and the input
+files before anything runs (:func:`make_plan`), so a stage whose store carries its key is skipped
+and a changed value recomputes exactly the stages downstream of it.
+
+Stores are written under a temporary name and renamed into place (:mod:`stages.store`), so a
+killed write never leaves a store that looks complete.  The fine refinement appends one row per
+outer iteration to ``fine_trace.zarr`` (:class:`TraceStore`) and resumes from its last committed
+row; a store whose metadata cannot be read is moved aside (``.NAME.corrupt-*``, never deleted)
+and recomputed.  :class:`RunLock` keeps a second process off a run folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import fcntl
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from . import __version__
+from . import config as C
+from .errors import QcbedInputError
+from .store import open_store, write_store
+
+STAGES = ("load", "roi", "iam", "variance", "coarse", "fine", "report")
+STORES = {"load": "pattern.zarr", "roi": "roi.zarr", "iam": "structure_factors.zarr", "variance": "variance.zarr",
+          "coarse": "coarse.zarr", "fine": "fine.zarr", "report": "report"}
+TRACE = "fine_trace.zarr"
+RUN_RECORD = "run.json"
+LOCK = ".lock"
+#: physics keys of [simulation] that change structure factors (not the starting thickness)
+_SIM_PHYSICS = ("scattering_table", "absorption", "absorption_fraction")
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------------ keys
+def canonical(obj) -> str:
+    """Canonical JSON (sorted keys, no spaces) of plain data; numpy values become Python ones."""
+    def plain(v):
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, np.ndarray):
+            return plain(v.tolist())
+        if isinstance(v, np.generic):
+            return v.item()
+        if isinstance(v, Path):
+            return str(v)
+        return v
+    return json.dumps(plain(obj), sort_keys=True, separators=(",", ":"))
+
+
+def stage_key(stage: str, parts: dict) -> str:
+    """sha256 of the stage name, the package version and ``parts`` (config sections, input keys)."""
+    return hashlib.sha256(canonical({"stage": stage, "qcbed_version": __version__, **parts}).encode()).hexdigest()
+
+
+def file_digest(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def input_files(cfg: C.RunConfig) -> dict[str, list[Path]]:
+    """Every file the run reads, by config field (relative paths resolved against the config's folder)."""
+    base = cfg.base_dir
+
+    def res(name) -> Path:
+        p = Path(str(name)).expanduser()
+        return p if p.is_absolute() else base / p
+
+    out: dict[str, list[Path]] = {}
+    cr = cfg.section("crystal")
+    if "file" in cr:
+        out["crystal.file"] = [res(cr["file"])]
+    pat = cfg.section("pattern")
+    if "file" in pat:
+        out["pattern.file"] = [res(pat["file"])]
+    if "files" in pat:
+        spec = pat["files"]
+        if isinstance(spec, str) and glob.has_magic(spec):
+            out["pattern.files"] = [Path(m) for m in sorted(glob.glob(str(res(spec)))) if os.path.isfile(m)]
+        elif isinstance(spec, str):
+            out["pattern.files"] = [res(spec)]
+        elif isinstance(spec, list):
+            out["pattern.files"] = [res(s) for s in spec]
+    for k in ("variance", "mask", "hkl_file"):
+        v = pat.get(k)
+        if isinstance(v, str):
+            out[f"pattern.{k}"] = [res(v)]
+        elif isinstance(v, list) and all(isinstance(x, str) for x in v):
+            out[f"pattern.{k}"] = [res(x) for x in v]
+    dec = pat.get("deconvolution")
+    if isinstance(dec, dict) and isinstance(dec.get("mtf"), str):
+        out["pattern.deconvolution.mtf"] = [res(dec["mtf"])]
+    gof = cfg.section("refine").get("gof")
+    if isinstance(gof, str) and ":" in gof and gof.rpartition(":")[0].strip().endswith(".py"):
+        out["refine.gof"] = [res(gof.rpartition(":")[0].strip())]
+    return out
+
+
+def digests(cfg: C.RunConfig) -> dict[str, list[list[str]]]:
+    """{field: [[file name, sha256], ...]}; a missing file is an error naming its field."""
+    out = {}
+    for fld, paths in input_files(cfg).items():
+        rows = []
+        for p in paths:
+            if not p.is_file():
+                raise QcbedInputError(fld, f"file {p} not found", "check the path (relative to the config file's folder)")
+            rows.append([p.name, file_digest(p)])
+        out[fld] = rows
+    return out
+
+
+def coarse_enabled(cfg: C.RunConfig) -> bool:
+    c = cfg.section("coarse")
+    return bool(c) and bool(c.get("enabled", True))
+
+
+@dataclass
+class Plan:
+    """What one run will compute: its config, folder, and the key of every enabled stage."""
+
+    cfg: C.RunConfig
+    run_dir: Path
+    keys: dict
+    digests: dict
+
+    @property
+    def stages(self) -> list[str]:
+        return [s for s in STAGES if s in self.keys]
+
+    def store(self, stage: str) -> Path:
+        return self.run_dir / STORES[stage]
+
+
+def run_name(cfg: C.RunConfig) -> str:
+    """results/<run>: [run] name, else the config's stem (its folder's name for a file called config.toml)."""
+    name = cfg.section("run").get("name")
+    if name:
+        return str(name)
+    p = cfg.path
+    return p.parent.name if p.stem == "config" else p.stem
+
+
+def make_plan(cfg: C.RunConfig, results_dir, run_dir=None) -> Plan:
+    d = digests(cfg)
+    sec = cfg.section
+    crystal = {"crystal": sec("crystal"), "crystal_files": d.get("crystal.file")}
+    physics = {**crystal, "microscope": sec("microscope"),
+               "simulation": {k: v for k, v in sec("simulation").items() if k in _SIM_PHYSICS}}
+    full_physics = {**crystal, "microscope": sec("microscope"), "simulation": sec("simulation")}
+    load_files = {k: v for k, v in d.items() if k.startswith("pattern.")}
+    keys = {}
+    keys["load"] = stage_key("load", {"pattern": sec("pattern"), "files": load_files})
+    keys["roi"] = stage_key("roi", {**crystal, "microscope": sec("microscope"), "geometry": sec("geometry"),
+                                    "roi": sec("roi"),
+                                    "table": sec("simulation").get("scattering_table", "peng"), "load": keys["load"]})
+    keys["iam"] = stage_key("iam", {**physics, "reflections": sec("refine").get("reflections"),
+                                    "disks": sec("roi").get("disks")})
+    keys["variance"] = stage_key("variance", {"detector": sec("pattern").get("detector"), "load": keys["load"]})
+    if coarse_enabled(cfg):
+        keys["coarse"] = stage_key("coarse", {**full_physics, "coarse": sec("coarse"), "geometry": sec("geometry"),
+                                              "disks": sec("roi").get("disks"), "load": keys["load"]})
+    fine_parts = {**full_physics, "refine": sec("refine"), "refine_files": d.get("refine.gof"),
+                  "load": keys["load"], "roi": keys["roi"], "variance": keys["variance"]}
+    if "coarse" in keys:
+        fine_parts["coarse"] = keys["coarse"]
+    if sec("refine"):
+        keys["fine"] = stage_key("fine", fine_parts)
+        keys["report"] = stage_key("report", {"fine": keys["fine"], "iam": keys["iam"], "coarse": keys.get("coarse")})
+    run_dir = Path(results_dir) / run_name(cfg) if run_dir is None else Path(run_dir)
+    return Plan(cfg=cfg, run_dir=run_dir, keys=keys, digests=d)
+
+
+# ------------------------------------------------------------------------------ store keys
+class CorruptStore(QcbedInputError):
+    pass
+
+
+def read_key(store: Path) -> str | None:
+    """The ``stage_key`` recorded in a store's metadata (None when there is no store).
+
+    Reads only ``zarr.json`` (or ``report/record.json``).  Unreadable metadata raises CorruptStore."""
+    store = Path(store)
+    meta = store / ("record.json" if store.suffix != ".zarr" else "zarr.json")
+    if not store.exists():
+        return None
+    try:
+        d = json.loads(meta.read_text())
+        attrs = d.get("attributes", d)
+        k = attrs.get("stage_key")
+        if not isinstance(k, str):
+            raise ValueError("no stage_key")
+        return k
+    except (OSError, ValueError, AttributeError) as exc:
+        raise CorruptStore(str(store), f"unreadable store ({type(exc).__name__}: {exc})",
+                           "it is moved aside and recomputed") from None
+
+
+def set_aside(store: Path) -> Path:
+    """Move a corrupted store to a hidden name beside it (never deleted: the user may inspect it)."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    dest = store.with_name(f".{store.name}.corrupt-{stamp}-{uuid.uuid4().hex[:4]}")
+    os.rename(store, dest)
+    return dest
+
+
+def store_state(plan: Plan, stage: str) -> str:
+    """'done' (store with this key), 'stale' (store of other inputs), 'corrupt', or 'pending'."""
+    try:
+        k = read_key(plan.store(stage))
+    except CorruptStore:
+        return "corrupt"
+    if k is None:
+        return "pending"
+    return "done" if k == plan.keys[stage] else "stale"
+
+
+def _with_key(ds: xr.Dataset, plan: Plan, stage: str, section=None) -> xr.Dataset:
+    ds = ds.copy()
+    ds.attrs.update({"stage": stage, "stage_key": plan.keys[stage], "qcbed_version": __version__,
+                     "config_file": str(plan.cfg.path), "created": _now()})
+    if section is not None:
+        ds.attrs["config_section"] = canonical(section)
+    return ds
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ------------------------------------------------------------------------------ lock
+class RunLock:
+    """An exclusive lock on a run folder (``flock`` on ``<run>/.lock``: released by the kernel when
+    the holder dies, so a killed run never leaves a stale lock)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.fd = None
+
+    def __enter__(self):
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise QcbedInputError(str(self.run_dir), f"cannot create the results folder: {exc.strerror}") from None
+        path = self.run_dir / LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise QcbedInputError(str(self.run_dir), f"is in use by a running qcbed ({holder})",
+                                  "wait for it to finish (qcbed status shows its progress) or give another --results") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}, since {_now()}".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+        return False
+
+
+def is_locked(run_dir: Path) -> str | None:
+    """The holder's description when a live process holds the run's lock, else None."""
+    path = Path(run_dir) / LOCK
+    if not path.exists():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return os.pread(fd, 200, 0).decode(errors="replace").strip() or "running"
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------ run record
+def dependency_versions() -> dict:
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("numpy", "scipy", "xarray", "zarr", "dask", "distributed", "prefect", "gemmi"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def write_run_record(plan: Plan, command: list[str] | None = None, extra: dict | None = None) -> Path:
+    """``<run>/run.json``: the config (text, path, parsed), input digests, stage keys, versions, command."""
+    cfg = plan.cfg
+    rec = {
+        "qcbed_version": __version__, "config_path": str(cfg.path), "config_text": cfg.path.read_text(),
+        "config": json.loads(canonical(cfg.data)), "input_digests": plan.digests, "stage_keys": plan.keys,
+        "versions": dependency_versions(), "command": command or sys.argv, "cwd": os.getcwd(), "written": _now(),
+    }
+    if extra:
+        rec.update(extra)
+    path = plan.run_dir / RUN_RECORD
+    atomic_write_text(path, json.dumps(rec, indent=1) + "\n")
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------ the stages
+def _model(cfg):
+    return C.forward_model(cfg)
+
+
+def compute_load(plan: Plan) -> xr.Dataset:
+    from .load import load_pattern
+
+    return load_pattern(plan.cfg.section("pattern"), plan.cfg.base_dir)
+
+
+def compute_roi(plan: Plan) -> xr.Dataset:
+    from .roi import build_roi, regions_from_config
+
+    cfg = plan.cfg
+    pattern = open_store(plan.store("load"))
+    model = _model(cfg)
+    pg = C.pattern_geometry(cfg, model)
+    regions, padding = regions_from_config(cfg.section("roi"))
+    return build_roi(pattern, pg, regions, C.roi_disks(cfg, pattern), padding, cfg.section("roi").get("disk_mask"))
+
+
+def compute_iam(plan: Plan) -> xr.Dataset:
+    from .iam import iam_dataset
+
+    cfg = plan.cfg
+    extra = [r["hkl"] for r in cfg.section("refine").get("reflections", []) if isinstance(r, dict) and "hkl" in r]
+    extra += list(cfg.section("roi").get("disks", []))
+    extra = [h for h in extra if any(int(x) for x in h)]
+    return iam_dataset(_model(cfg), extra_hkl=extra or None)
+
+
+def compute_variance(plan: Plan) -> xr.Dataset:
+    from .physics.noise import DetectorModel
+    from .variance import variance_dataset
+
+    pat = plan.cfg.section("pattern")
+    det = DetectorModel.from_mapping(pat["detector"], "pattern.detector") if "detector" in pat else None
+    return variance_dataset(open_store(plan.store("load")), det)
+
+
+def compute_coarse(plan: Plan) -> xr.Dataset:
+    from .coarse import coarse_orientation_thickness
+
+    cfg = plan.cfg
+    c = cfg.section("coarse")
+    pattern = open_store(plan.store("load"))
+    model = _model(cfg)
+    pg = C.pattern_geometry(cfg, model)
+    t0 = C.thickness_of(cfg)
+    disks = np.array(c["disks"], int) if "disks" in c else C.roi_disks(cfg, pattern)
+    bracket = c.get("thickness_bracket_A", [0.8 * t0, 1.2 * t0])
+    box = float(c.get("box_px", 10.0))
+    psf = None
+    r = cfg.section("refine")
+    if pg.kind == "larbed" and (r.get("psf_sigma") or r.get("psf_gamma")):
+        psf = (float(r.get("psf_sigma", 0.0)), float(r.get("psf_gamma", 0.0)))
+    res = coarse_orientation_thickness(model, pg, pattern, disks, box, float(c.get("search_px", 5.0)), bracket,
+                                       float(c.get("step_px", 1.0)), radius_px=c.get("radius_px"),
+                                       background=str(c.get("background", "per_disk")), psf_px=psf)
+    d = res.as_dict()
+    scan = d["scan"]
+    ds = xr.Dataset(
+        {"ncc_per_disk": (("disk",), np.asarray(res.ncc_per_disk, float), {"long_name": "zero-mean NCC per disk"}),
+         "scan_ncc": (("scan",), np.asarray(scan.get("ncc", []), float), {"long_name": "joint NCC of the thickness scan"})},
+        coords={"h": ("disk", res.disks[:, 0]), "k": ("disk", res.disks[:, 1]), "l": ("disk", res.disks[:, 2]),
+                "scan_thickness_A": ("scan", np.asarray(scan.get("thickness_A", []), float), {"units": "Å"})},
+        attrs={"thickness_A": float(res.thickness_A), "ncc": float(res.ncc), "shift_px": list(res.shift_px),
+               "geometry": json.dumps(res.geometry.as_dict()), "at_edge": int(res.at_edge),
+               "at_bound": int(res.at_bound), "counters": json.dumps(res.counters)})
+    return ds
+
+
+def _geometry_from_json(model, text: str):
+    from .physics.pattern_geometry import PatternGeometry
+
+    g = json.loads(text)
+    ds = {tuple(int(x) for x in k.split()): tuple(v) for k, v in g.pop("disk_shift_px", {}).items()}
+    return PatternGeometry(model.geometry, g.pop("kind"), disk_shift_px=ds, **{k: (tuple(v) if isinstance(v, list) else v)
+                                                                               for k, v in g.items()})
+
+
+def fine_problem(plan: Plan):
+    """The FineProblem of a run, built from its stores (pattern, roi, variance, coarse)."""
+    cfg = plan.cfg
+    pattern = open_store(plan.store("load"))
+    roi = open_store(plan.store("roi"))
+    model = _model(cfg)
+    pg = C.pattern_geometry(cfg, model)
+    coarse = None
+    if "coarse" in plan.keys:
+        coarse = open_store(plan.store("coarse"))
+        pg = _geometry_from_json(model, coarse.attrs["geometry"])
+    problem = C.fine_problem(cfg, model, pg, pattern, roi)
+    if coarse is not None:
+        problem.thickness0 = float(coarse.attrs["thickness_A"])
+    if getattr(problem.gof, "uses_variance", False):
+        var = open_store(plan.store("variance")).variance
+        pattern = pattern.assign(variance=(var.dims, var.values, var.attrs))
+        problem = C.fine_problem(cfg, model, pg, pattern, roi)
+        if coarse is not None:
+            problem.thickness0 = float(coarse.attrs["thickness_A"])
+    return problem
+
+
+class TraceStore:
+    """``fine_trace.zarr``: one row per outer iteration, appended; a commit counter in the root attrs
+    is written after every row, and rows past it (torn by a kill mid-append) are dropped on open
+    (../shared/research/stack.md §3)."""
+
+    CHUNK = 64
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def open(self, key: str):
+        """The committed rows as a dict, or None (absent, other key: then removed)."""
+        import zarr
+
+        if not self.path.exists():
+            return None
+        try:
+            g = zarr.open_group(str(self.path), mode="r+")
+            if g.attrs.get("stage_key") != key:
+                raise KeyError("other key")
+            n = int(g.attrs.get("n_committed", 0))
+            out = {"attrs": dict(g.attrs)}
+            for name, a in g.arrays():
+                if a.shape[0] != n:
+                    a.resize((n,) + a.shape[1:])
+                out[name] = a[:]
+        except Exception:  # noqa: BLE001  -- unreadable or of other inputs: start over
+            shutil.rmtree(self.path, ignore_errors=True)
+            return None
+        return out if n > 0 else None
+
+    def create(self, key: str, names: list[str], n_vertices: int, n_params: int, attrs: dict) -> None:
+        import zarr
+
+        parent = self.path.parent
+        for junk in parent.glob(f".{self.path.name}.tmp-*"):
+            shutil.rmtree(junk, ignore_errors=True)
+        tmp = parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        g = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
+        c = self.CHUNK
+        for name, shape, dt in (("iteration", (0,), "i8"), ("gof", (0,), "f8"), ("wall_s", (0,), "f8"),
+                                ("eigen_solves", (0,), "i8"), ("best", (0, n_params), "f8"),
+                                ("simplex", (0, n_vertices, n_params), "f8"), ("fsim", (0, n_vertices), "f8")):
+            g.create_array(name, shape=shape, chunks=(c,) + shape[1:], dtype=dt)
+        g.attrs.update({"stage_key": key, "names": names, "n_committed": 0, **attrs})
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        os.rename(tmp, self.path)
+
+    def append(self, row: dict) -> None:
+        import zarr
+
+        g = zarr.open_group(str(self.path), mode="r+")
+        n = int(g.attrs["n_committed"])
+        for name, v in row.items():
+            a = g[name]
+            v = np.asarray(v)[None]
+            if a.shape[0] != n:  # torn row of an earlier kill
+                a.resize((n,) + a.shape[1:])
+            a.append(v)
+        g.attrs["n_committed"] = n + 1
+
+
+def run_fine(plan: Plan, say=_say) -> dict:
+    """Fine refinement with a checkpoint per outer iteration; resumes from ``fine_trace.zarr``."""
+    from .fine import refine
+
+    cfg = plan.cfg
+    key = plan.keys["fine"]
+    problem = fine_problem(plan)
+    r = cfg.section("refine")
+    trace = TraceStore(plan.run_dir / TRACE)
+    names = [p.label for p in problem.sf]
+    nv = len(names) + 1
+    prev = trace.open(key)
+    prefix = f"[{plan.run_dir.name}] fine"
+    kw = {}
+    t_wall = time.perf_counter()
+    if prev is not None:
+        kw = {"start_simplex": prev["simplex"][-1], "start_fsim": prev["fsim"][-1],
+              "start_iteration": int(prev["iteration"][-1]), "gof_start": float(prev["attrs"]["gof_start"])}
+        say(f"{prefix}: resuming after iteration {kw['start_iteration']} ({problem.gof.name} {prev['gof'][-1]:.6g})")
+    else:
+        say(f"{prefix}: {len(problem.sf)} structure factors, geometry {', '.join(problem.geometry_names)}; "
+            f"{problem.gof.name}")
+
+    state = {"created": prev is not None}
+
+    def started(gof0):
+        if not state["created"]:
+            trace.create(key, names, nv, len(names), {"gof_start": gof0, "gof_name": problem.gof.name})
+            state["created"] = True
+            say(f"{prefix}: start {problem.gof.name} {gof0:.6g} (thickness {problem.thickness0:.1f} Å)")
+
+    def checkpoint(it, simplex, fsim, best):
+        trace.append({"iteration": it, "gof": float(fsim[0]), "wall_s": time.perf_counter() - t_wall,
+                      "eigen_solves": problem.counters["eigen_solves"], "best": np.asarray(best, float),
+                      "simplex": np.asarray(simplex, float), "fsim": np.asarray(fsim, float)})
+        vals = " ".join(f"{n}={v:.6g}" for n, v in zip(names, best))
+        say(f"{prefix}: iteration {it:4d}  {problem.gof.name} {fsim[0]:.6g}  {vals}")
+
+    res = refine(problem, max_iterations=int(r.get("max_iterations", 200)), xatol=float(r.get("xatol", 1e-4)),
+                 initial_step=float(r.get("initial_step", 0.1)), callback=checkpoint, on_start=started, **kw)
+    full = trace.open(key)
+    ds = fine_dataset(problem, res, full, resumed_from=kw.get("start_iteration"))
+    write_store(_with_key(ds, plan, "fine", r), plan.store("fine"))
+    say(f"{prefix}: {problem.gof.name} {res.gof_start:.6g} -> {res.gof:.6g}, "
+        f"{'converged' if res.converged else 'not converged'} after {res.counters['outer_iterations']} iterations")
+    return {"resumed_from": kw.get("start_iteration")}
+
+
+def fine_dataset(problem, res, trace: dict | None, resumed_from=None) -> xr.Dataset:
+    """fine.zarr: refined values ± sigma, correlations, fit statistics, geometry, trace, counters."""
+    names = list(res.names)
+    start_sf = [p.x0 for p in problem.sf]
+    g0 = problem.geometry_start()
+    start = np.array(start_sf + [g0[n] for n in problem.geometry_names], float)
+    kind = ["structure_factor"] * len(problem.sf) + ["geometry"] * len(problem.geometry_names)
+    units = ["Å^-2" if not p.component.endswith("phase") else "deg" for p in problem.sf]
+    units += ["Å" if n == "thickness" else "deg" if n == "rotation" else "px" for n in problem.geometry_names]
+    data = {
+        "value": (("param",), np.asarray(res.values, float)),
+        "sigma": (("param",), np.asarray(res.sigma, float), {"long_name": "standard error, scaled by max(1, reduced chi^2)"}),
+        "start": (("param",), start),
+        "correlation": (("param", "param2"), np.nan_to_num(np.asarray(res.correlation, float), nan=0.0)),
+        "background": (("background",), np.atleast_1d(np.asarray(res.background, float))),
+    }
+    coords = {"param": names, "param2": names, "kind": ("param", kind), "units": ("param", units)}
+    if trace is not None:
+        data["trace_gof"] = (("iteration",), np.asarray(trace["gof"], float))
+        data["trace_values"] = (("iteration", "sf_param"), np.asarray(trace["best"], float))
+        data["trace_wall_s"] = (("iteration",), np.asarray(trace["wall_s"], float))
+        coords["iteration"] = np.asarray(trace["iteration"], int)
+        coords["sf_param"] = [p.label for p in problem.sf]
+    ds = xr.Dataset(data, coords=coords)
+    geo = {k: (float(v) if np.isscalar(v) else v) for k, v in res.geometry.items()}
+    ds.attrs.update({
+        "gof_name": problem.gof.name, "gof": float(res.gof), "gof_start": float(res.gof_start), "scale": float(res.scale),
+        "n_points": int(res.n_points), "dof": int(res.dof), "converged": int(res.converged),
+        "geometry": json.dumps(geo), "pattern_geometry": json.dumps(problem._pg(res.geometry).as_dict()),
+        "counters": json.dumps(res.counters), "resumed_from_iteration": -1 if resumed_from is None else int(resumed_from),
+        "disks": json.dumps(problem.disks.tolist()),
+    })
+    return ds
+
+
+def compute_report(plan: Plan) -> Path:
+    from .report import write_report
+
+    return write_report(plan.run_dir, key=plan.keys["report"])
+
+
+# ------------------------------------------------------------------------------ driver
+COMPUTE = {"load": compute_load, "roi": compute_roi, "iam": compute_iam, "variance": compute_variance,
+           "coarse": compute_coarse}
+SECTION = {"load": "pattern", "roi": "roi", "iam": "simulation", "variance": "pattern", "coarse": "coarse"}
+
+
+def run_stage(plan: Plan, stage: str, say=_say) -> str:
+    """Run one stage unless its store is up to date; returns 'skipped', 'done' or 'resumed'."""
+    tag = f"[{plan.run_dir.name}] {stage}"
+    state = store_state(plan, stage)
+    if state == "done":
+        say(f"{tag}: up to date, skipped")
+        return "skipped"
+    if state == "corrupt":
+        dest = set_aside(plan.store(stage))
+        say(f"{tag}: {plan.store(stage)} was unreadable (corrupted); moved to {dest.name}, recomputing")
+    t0 = time.perf_counter()
+    if stage == "fine":
+        info = run_fine(plan, say)
+        status = "resumed" if info["resumed_from"] is not None else "done"
+    elif stage == "report":
+        compute_report(plan)
+        status = "done"
+    else:
+        ds = COMPUTE[stage](plan)
+        write_store(_with_key(ds, plan, stage, plan.cfg.section(SECTION[stage])), plan.store(stage))
+        status = "done"
+    say(f"{tag}: {status} in {time.perf_counter() - t0:.1f} s -> {plan.store(stage)}")
+    return status
+
+
+def run_all(plan: Plan, say=_say, until: str | None = None) -> dict:
+    """Every enabled stage in order (plain Python, no Prefect): {stage: status}."""
+    out = {}
+    for s in plan.stages:
+        out[s] = run_stage(plan, s, say)
+        if s == until:
+            break
+    return out
+
+
+@contextlib.contextmanager
+def locked(plan: Plan):
+    with RunLock(plan.run_dir) as lock:
+        yield lock
+
+
+# ------------------------------------------------------------------------------ status
+@dataclass
+class RunStatus:
+    run_dir: Path
+    stages: dict = field(default_factory=dict)
+    running: str | None = None
+    last_iteration: int | None = None
+    gof: float | None = None
+    gof_name: str | None = None
+    note: str = ""
+
+
+def run_status(run_dir: Path) -> RunStatus:
+    """Stages done/stale/pending of a run folder (keys recomputed from its config when it still exists)."""
+    import zarr
+
+    run_dir = Path(run_dir)
+    st = RunStatus(run_dir, running=is_locked(run_dir))
+    rec_path = run_dir / RUN_RECORD
+    plan = None
+    if rec_path.exists():
+        try:
+            rec = json.loads(rec_path.read_text())
+            cfg = C.RunConfig(Path(rec["config_path"]), tomllib_loads(rec["config_text"]))
+            try:
+                plan = make_plan(cfg, run_dir.parent, run_dir=run_dir)
+            except QcbedInputError as exc:
+                st.note = f"inputs changed or missing ({exc}); showing the stored keys"
+                plan = Plan(cfg, run_dir, rec.get("stage_keys", {}), {})
+        except (OSError, ValueError, KeyError) as exc:
+            st.note = f"unreadable {RUN_RECORD}: {exc}"
+    for s in STAGES:
+        if plan is not None and s in plan.keys:
+            st.stages[s] = store_state(plan, s)
+        elif (run_dir / STORES[s]).exists():
+            st.stages[s] = "present"
+    tr = run_dir / TRACE
+    if tr.exists():
+        try:
+            g = zarr.open_group(str(tr), mode="r")
+            n = int(g.attrs.get("n_committed", 0))
+            if n:
+                st.last_iteration = int(g["iteration"][n - 1])
+                st.gof = float(g["gof"][n - 1])
+                st.gof_name = g.attrs.get("gof_name")
+        except Exception:  # noqa: BLE001
+            pass
+    fine = run_dir / STORES["fine"]
+    if st.stages.get("fine") == "done":
+        try:
+            a = json.loads((fine / "zarr.json").read_text())["attributes"]
+            st.gof, st.gof_name = float(a["gof"]), a["gof_name"]
+        except (OSError, ValueError, KeyError):
+            pass
+    return st
+
+
+def tomllib_loads(text: str) -> dict:
+    import tomllib
+
+    return tomllib.loads(text)

@@ -1,0 +1,239 @@
+"""validate_config: every problem of a run config reported together, before anything runs."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from stages.config import (COARSE_KEYS, GEOMETRY_KEYS, MICROSCOPE_KEYS, REFINE_KEYS, ROI_KEYS, RUN_KEYS, SCHEMA,
+                           SIMULATION_KEYS, RunConfig, crystal_of, load_config, validate_config,
+                           validate_run_config)
+from stages.errors import QcbedInputError, QcbedInputErrors
+from stages.load import DECONVOLUTION_KEYS, PATTERN_KEYS, RAW_KEYS
+from .conftest import DATA
+
+# a CBED run in tmp_path/run/, its crystal one folder up (as the shipped examples)
+CBED = """
+[crystal]
+file = "../si.cif"
+
+[microscope]
+hv_kV = 200.0
+zone = [1, 1, 0]
+x_axis = [1, -1, -1]
+
+[simulation]
+thickness_A = 3000.0
+absorption = "proportional"
+absorption_fraction = 0.02
+sg_strong = 0.03
+
+[pattern]
+kind = "cbed"
+file = "si_cbed.npy"
+
+[geometry]
+gl_px = 360.0
+rotation_deg = 20.0
+centre_px = [285.3, 377.7]
+
+[roi]
+disks = [[0, 0, 0], [1, -1, -1]]
+regions = [{corners = [[-25.0, 0.0], [25.0, 0.0], [-25.0, 1.0]], samples = [101, 1]}]
+
+[refine]
+gof = "Chi2"
+reflections = [{hkl = [1, -1, -1], refine = ["U"], range_percent = 5}]
+geometry = ["thickness", "gl", "rotation", "shift"]
+"""
+
+COARSE = """
+[coarse]
+enabled = true
+thickness_bracket_A = [1000.0, 5000.0]
+box_px = 20.0
+search_px = 10.0
+step_px = 1.0
+radius_px = 25.0
+background = "per_disk"
+disks = [[0, 0, 0], [1, -1, -1]]
+
+[run]
+name = "si_cbed-1.0"
+"""
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    shutil.copy(DATA / "si.cif", tmp_path / "si.cif")
+    d = tmp_path / "run"
+    d.mkdir()
+    np.save(d / "si_cbed.npy", np.ones((8, 8)))  # only its existence is checked
+    return d
+
+
+def _write(folder, text, name="config.toml"):
+    p = folder / name
+    p.write_text(text)
+    return p
+
+
+def _errors(path) -> QcbedInputErrors:
+    with pytest.raises(QcbedInputErrors) as info:
+        validate_config(path)
+    return info.value
+
+
+# ----------------------------------------------------------------------------- clean configs
+@pytest.mark.parametrize("name", ["si_cbed", "si_larbed"])
+def test_shipped_configs_validate_clean(name):
+    path = DATA / name / "config.toml"
+    cfg = validate_config(path)
+    ref = load_config(path)
+    assert cfg.path == ref.path and cfg.data == ref.data
+
+
+def test_relative_paths_resolve_against_the_config_folder(run_dir, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # not the config's folder
+    cfg = validate_config(_write(run_dir, CBED))
+    assert cfg.base_dir == run_dir.resolve()
+    assert crystal_of(cfg).name  # ../si.cif read from tmp_path
+    # the same config one folder deeper no longer finds its crystal
+    deeper = run_dir / "deeper"
+    deeper.mkdir()
+    np.save(deeper / "si_cbed.npy", np.ones((8, 8)))
+    with pytest.raises(QcbedInputError) as info:
+        validate_config(_write(deeper, CBED))
+    assert info.value.field == "crystal.file" and str(deeper.parent / "si.cif") in str(info.value)
+
+
+def test_schema_keys_are_the_sections_keys():
+    for section, keys in [("microscope", MICROSCOPE_KEYS), ("simulation", SIMULATION_KEYS), ("geometry", GEOMETRY_KEYS),
+                          ("roi", ROI_KEYS), ("refine", REFINE_KEYS), ("coarse", COARSE_KEYS), ("run", RUN_KEYS),
+                          ("pattern", set(PATTERN_KEYS))]:
+        assert set(SCHEMA[section].keys) == set(keys), section
+    assert set(SCHEMA["pattern"].keys["raw"].keys) == set(RAW_KEYS)
+    assert set(SCHEMA["pattern"].keys["deconvolution"].keys) == set(DECONVOLUTION_KEYS)
+
+
+# ----------------------------------------------------------------------------- all problems together
+def test_five_mistakes_in_five_sections_are_reported_together(run_dir):
+    text = (CBED.replace('x_axis = [1, -1, -1]', 'x_axis = [1, -1, -1]\nvoltage = 200')       # unknown key
+            .replace('sg_strong = 0.03', 'sg_strong = "0.03"')                                # wrong type
+            .replace('gl_px = 360.0', 'gl_px = -360.0')                                       # out of range
+            .replace('thickness_A = 3000.0\n', '')                                            # missing key
+            .replace('file = "si_cbed.npy"', 'file = "nope.npy"'))                            # missing file
+    err = _errors(_write(run_dir, text))
+    expected = {"microscope.voltage", "simulation.sg_strong", "geometry.gl_px", "simulation.thickness_A",
+                "pattern.file"}
+    assert sorted(e.field for e in err.errors) == sorted(expected)
+    assert isinstance(err, QcbedInputError) and all(isinstance(e, QcbedInputError) for e in err.errors)
+    lines = str(err).splitlines()
+    assert lines[0].endswith("config.toml: 5 problems") and len(lines) == 6
+    for f in expected:
+        assert sum(line.startswith(f"  {f}: ") for line in lines[1:]) == 1
+    assert "unknown key" in str(err) and "allowed: hv_kV" in str(err)
+    assert str(run_dir / "nope.npy") in str(err)
+
+
+def test_single_problem_is_one_line(run_dir):
+    err = _errors(_write(run_dir, CBED.replace("gl_px = 360.0", "gl_px = 0")))
+    assert len(err.errors) == 1 and err.field == "geometry.gl_px"
+    assert "\n" not in str(err) and str(err) == str(err.errors[0])
+    assert str(err).startswith("geometry.gl_px: must be > 0, got 0")
+
+
+def test_missing_or_malformed_file_is_a_single_error(tmp_path):
+    with pytest.raises(QcbedInputError, match="config file not found"):
+        validate_config(tmp_path / "none.toml")
+    with pytest.raises(QcbedInputError, match="malformed TOML") as info:
+        validate_config(_write(tmp_path, "[crystal\n"))
+    assert not isinstance(info.value, QcbedInputErrors)
+
+
+def test_builder_problems_are_reported_once_with_their_field(run_dir):
+    text = (CBED.replace("x_axis = [1, -1, -1]", "x_axis = [1, 1, 1]")     # not in the zone (ForwardModel)
+            .replace('gof = "Chi2"', 'gof = "NoSuchMetric"')                 # make_gof
+            .replace("samples = [101, 1]", "samples = [101, 0]"))            # schema and Region
+    err = _errors(_write(run_dir, text))
+    assert sorted(err.fields) == ["microscope.x_axis", "refine.gof", "roi.regions[0].samples"]
+    # a forbidden reflection, found by the structure-factor builder, names its entry
+    text = CBED.replace('{hkl = [1, -1, -1], refine = ["U"], range_percent = 5}',
+                        '{hkl = [1, -1, -1]}, {hkl = [1, 0, 0]}')
+    err = _errors(_write(run_dir, text))
+    assert err.fields == ["refine.reflections[1].hkl"] and "forbidden" in str(err)
+
+
+def test_unknown_and_missing_sections(run_dir):
+    text = CBED.replace("[geometry]\ngl_px = 360.0\nrotation_deg = 20.0\ncentre_px = [285.3, 377.7]\n", "") + "[extra]\na = 1\n"
+    err = _errors(_write(run_dir, text))
+    assert sorted(err.fields) == ["extra", "geometry"]
+
+
+def test_pattern_files_glob_must_match(run_dir):
+    text = CBED.replace('kind = "cbed"\nfile = "si_cbed.npy"', 'kind = "larbed"\nfiles = "Si_*.npy"')
+    err = _errors(_write(run_dir, text))
+    assert "pattern.files" in err.fields and "matches no file" in str(err)
+
+
+# ----------------------------------------------------------------------------- [coarse] and [run]
+def test_coarse_and_run_sections_validate(run_dir):
+    path = _write(run_dir, CBED + COARSE)
+    cfg = validate_config(path)
+    assert cfg.section("coarse")["background"] == "per_disk" and cfg.section("run")["name"] == "si_cbed-1.0"
+    assert load_config(path).section("coarse")["box_px"] == 20.0
+
+
+@pytest.mark.parametrize("old, new, field", [
+    ("enabled = true", 'enabled = "yes"', "coarse.enabled"),
+    ("thickness_bracket_A = [1000.0, 5000.0]", "thickness_bracket_A = [5000.0, 1000.0]", "coarse.thickness_bracket_A"),
+    ("thickness_bracket_A = [1000.0, 5000.0]", "thickness_bracket_A = [0.0, 1000.0]", "coarse.thickness_bracket_A"),
+    ("box_px = 20.0", "box_px = 0.0", "coarse.box_px"),
+    ("search_px = 10.0", "search_px = -1.0", "coarse.search_px"),
+    ("step_px = 1.0", "step_px = 0", "coarse.step_px"),
+    ("radius_px = 25.0", "radius_px = -25.0", "coarse.radius_px"),
+    ('background = "per_disk"', 'background = "both"', "coarse.background"),
+    ("disks = [[0, 0, 0], [1, -1, -1]]\n\n[run]", "disks = [[0, 0], [1, -1, -1]]\n\n[run]", "coarse.disks[0]"),
+    ("radius_px = 25.0", "radius_px = 25.0\nwidth_px = 3", "coarse.width_px"),
+    ('name = "si_cbed-1.0"', 'name = "../results"', "run.name"),
+    ('name = "si_cbed-1.0"', 'name = "my run"', "run.name"),
+    ('name = "si_cbed-1.0"', "name = 3", "run.name"),
+])
+def test_coarse_and_run_sections_reject_bad_values(run_dir, old, new, field):
+    text = (CBED + COARSE).replace(old, new)
+    assert text != CBED + COARSE
+    err = _errors(_write(run_dir, text))
+    assert err.fields == [field]
+
+
+def test_load_config_accepts_coarse_and_run_but_rejects_unknown_keys(run_dir):
+    with pytest.raises(QcbedInputError, match="coarse.width_px: unknown key"):
+        load_config(_write(run_dir, CBED + COARSE.replace("box_px", "width_px")))
+    with pytest.raises(QcbedInputError, match="run.folder: unknown key"):
+        load_config(_write(run_dir, CBED + COARSE.replace("name =", "folder =")))
+
+
+def test_errors_pickle_and_keep_their_text(run_dir):
+    import pickle
+
+    err = _errors(_write(run_dir, CBED.replace("gl_px = 360.0", "gl_px = 0").replace("hv_kV = 200.0", "hv_kV = 1.0")))
+    back = pickle.loads(pickle.dumps(err))
+    assert isinstance(back, QcbedInputErrors) and str(back) == str(err) and back.fields == err.fields
+
+
+def test_validate_run_config_in_memory_and_required_sections(run_dir):
+    import tomllib
+
+    path = _write(run_dir, CBED)
+    cfg = RunConfig(path.resolve(), tomllib.loads(CBED))  # e.g. from a run record
+    assert validate_run_config(cfg) is cfg
+    bad = RunConfig(path.resolve(), tomllib.loads(CBED.replace("hv_kV = 200.0", "hv_kV = -1.0")))
+    with pytest.raises(QcbedInputErrors, match="microscope.hv_kV: must be in"):
+        validate_run_config(bad)
+    no_refine = _write(run_dir, CBED[: CBED.index("[refine]")], "prepare.toml")
+    validate_config(no_refine)  # [refine] is optional ...
+    with pytest.raises(QcbedInputErrors) as info:  # ... unless required
+        validate_config(no_refine, require=("refine",))
+    assert info.value.fields == ["refine"]

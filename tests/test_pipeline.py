@@ -1,0 +1,307 @@
+"""The pipeline: stage keys and skipping, downstream-only recomputation, checkpoints and resume after
+kill -9, the run lock, corrupted stores, bad configs, the scheduled folder flow, status and rerun."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from flows.cli import main
+from stages import config as C
+from stages import pipeline as P
+from stages.synthetic import write_small_larbed_run
+
+from .conftest import ROOT
+
+
+def _plan(cfg_path, results):
+    return P.make_plan(C.load_config(cfg_path), results)
+
+
+def _quiet(msg):
+    pass
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A tiny synthetic LARBED run with 3 outer iterations (a few seconds)."""
+    d = tmp_path_factory.mktemp("small")
+    return write_small_larbed_run(d, "tiny", seed=2, size=16, roi_half=4, max_iterations=3)
+
+
+def _copy_run_config(src: Path, dst_dir: Path, name: str, replace=None) -> Path:
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    for f in src.parent.glob(f"{src.stem}*.npy"):
+        shutil.copy(f, dst_dir / f.name)
+    text = src.read_text()
+    for a, b in (replace or {}).items():
+        assert a in text
+        text = text.replace(a, b)
+    out = dst_dir / f"{name}.toml"
+    out.write_text(text.replace(f'file = "{src.stem}.npy"', f'file = "{src.stem}.npy"'))
+    return out
+
+
+def _mtimes(run_dir: Path) -> dict:
+    return {s: (run_dir / P.STORES[s] / ("zarr.json" if s != "report" else "record.json")).stat().st_mtime_ns
+            for s in P.STAGES if (run_dir / P.STORES[s]).exists()}
+
+
+def test_keys_skip_and_downstream_only(small, tmp_path):
+    plan = _plan(small, tmp_path)
+    assert plan.stages == ["load", "roi", "iam", "variance", "fine", "report"]
+    first = P.run_all(plan, say=_quiet)
+    assert set(first.values()) == {"done"}
+    for s in plan.stages:
+        assert P.read_key(plan.store(s)) == plan.keys[s]
+    again = P.run_all(_plan(small, tmp_path), say=_quiet)
+    assert set(again.values()) == {"skipped"}
+
+    # the same config with a different ROI: only roi and what depends on it (fine, report) recompute
+    moved = _copy_run_config(small, tmp_path / "cfg", small.stem, {"[-4.0, -4.0], [4.0, -4.0], [-4.0, 4.0]], samples = [9, 9]":
+                                                                   "[-3.0, -3.0], [3.0, -3.0], [-3.0, 3.0]], samples = [7, 7]"})
+    plan2 = _plan(moved, tmp_path)
+    assert plan2.run_dir == plan.run_dir
+    changed = {s for s in plan.stages if plan.keys[s] != plan2.keys[s]}
+    assert changed == {"roi", "fine", "report"}
+    before = _mtimes(plan.run_dir)
+    out = P.run_all(plan2, say=_quiet)
+    assert out == {"load": "skipped", "roi": "done", "iam": "skipped", "variance": "skipped", "fine": "done",
+                   "report": "done"}
+    after = _mtimes(plan.run_dir)
+    assert {s for s in before if before[s] != after[s]} == {"roi", "fine", "report"}
+
+    # a changed data file changes the load key and everything downstream of the pattern, not the IAM
+    arr = np.load(moved.parent / "tiny.npy")
+    arr[0, 0, 0] += 1.0
+    np.save(moved.parent / "tiny.npy", arr)
+    plan3 = _plan(moved, tmp_path)
+    assert {s for s in plan.stages if plan3.keys[s] != plan2.keys[s]} == {"load", "roi", "variance", "fine", "report"}
+
+
+def test_checkpoint_resume_is_exact(small, tmp_path):
+    """A run stopped after its 2nd iteration continues from the trace to the same final bits."""
+    full = P.make_plan(C.load_config(small), tmp_path / "full")
+    P.run_all(full, say=_quiet)
+    part = P.make_plan(C.load_config(small), tmp_path / "part")
+    P.run_all(part, say=_quiet, until="variance")
+
+    class Stop(Exception):
+        pass
+
+    lines = []
+
+    def say(msg):
+        lines.append(msg)
+        if "iteration    2" in msg:
+            raise Stop
+
+    with pytest.raises(Stop):
+        P.run_stage(part, "fine", say=say)
+    assert not part.store("fine").exists()
+    tr = P.TraceStore(part.run_dir / P.TRACE).open(part.keys["fine"])
+    assert tr["iteration"].tolist() == [1, 2]
+    lines.clear()
+    assert P.run_stage(part, "fine", say=lines.append) == "resumed"
+    assert any("resuming after iteration 2" in m for m in lines)
+    assert any("iteration    3" in m for m in lines)
+    a = xr.open_zarr(full.store("fine"), consolidated=False)
+    b = xr.open_zarr(part.store("fine"), consolidated=False)
+    np.testing.assert_array_equal(a.value.values, b.value.values)
+    np.testing.assert_array_equal(a.trace_gof.values, b.trace_gof.values)
+    assert b.attrs["resumed_from_iteration"] == 2
+
+
+def test_torn_trace_rows_are_dropped(tmp_path):
+    t = P.TraceStore(tmp_path / "fine_trace.zarr")
+    t.create("k", ["a", "b"], 3, 2, {"gof_start": 1.0})
+    for i in range(3):
+        t.append({"iteration": i + 1, "gof": 1.0 / (i + 1), "wall_s": 0.1, "eigen_solves": i, "best": [i, i],
+                  "simplex": np.full((3, 2), i), "fsim": np.full(3, i)})
+    g = zarr.open_group(str(tmp_path / "fine_trace.zarr"), mode="r+")
+    g["gof"].append(np.array([9.0]))  # a kill between two arrays of the 4th row
+    g["iteration"].append(np.array([4]))
+    got = t.open("k")
+    assert got["iteration"].tolist() == [1, 2, 3] and got["gof"].shape == (3,) and got["simplex"].shape == (3, 3, 2)
+    t.append({"iteration": 4, "gof": 0.2, "wall_s": 0.1, "eigen_solves": 4, "best": [4, 4],
+              "simplex": np.full((3, 2), 4), "fsim": np.full(3, 4)})
+    assert t.open("k")["gof"].tolist() == [1.0, 0.5, 1.0 / 3, 0.2]
+    assert t.open("other key") is None and not (tmp_path / "fine_trace.zarr").exists()
+
+
+def test_corrupted_store_is_set_aside_and_recomputed(small, tmp_path):
+    plan = _plan(small, tmp_path)
+    P.run_all(plan, say=_quiet, until="variance")
+    (plan.store("roi") / "zarr.json").write_text("{ not json")
+    lines = []
+    out = P.run_all(_plan(small, tmp_path), say=lines.append, until="variance")
+    assert out == {"load": "skipped", "roi": "done", "iam": "skipped", "variance": "skipped"}
+    msg = [m for m in lines if "was unreadable" in m]
+    assert len(msg) == 1 and "roi.zarr" in msg[0]
+    kept = list(plan.run_dir.glob(".roi.zarr.corrupt-*"))
+    assert len(kept) == 1  # set aside, never deleted
+    assert P.read_key(plan.store("roi")) == plan.keys["roi"]
+
+
+def test_lock_refuses_a_second_run(small, tmp_path, capsys):
+    plan = _plan(small, tmp_path)
+    P.run_all(plan, say=_quiet, until="load")
+    before = _mtimes(plan.run_dir)
+    with P.RunLock(plan.run_dir):
+        assert P.is_locked(plan.run_dir)
+        rc = main(["prepare", str(small), "--results", str(tmp_path)])
+        err = capsys.readouterr().err
+    assert rc == 2
+    assert "is in use by a running qcbed" in err and str(os.getpid()) in err and err.count("\n") == 1
+    assert _mtimes(plan.run_dir) == before
+    assert P.is_locked(plan.run_dir) is None
+
+
+def test_bad_config_and_missing_file_leave_results_alone(small, tmp_path, capsys):
+    plan = _plan(small, tmp_path)
+    P.run_all(plan, say=_quiet, until="roi")
+    before = _mtimes(plan.run_dir)
+    bad = _copy_run_config(small, tmp_path / "bad", small.stem, {"gl_px = 40.0": "gl_px = -40.0"})
+    assert main(["run", str(bad), "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "geometry.gl_px" in err
+    missing = _copy_run_config(small, tmp_path / "missing", small.stem, {'file = "tiny.npy"': 'file = "nope.npy"'})
+    assert main(["run", str(missing), "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "pattern.file" in err and "nope.npy" in err
+    assert _mtimes(plan.run_dir) == before
+
+
+def test_status_lists_stages_and_checkpoint(small, tmp_path, capsys):
+    plan = _plan(small, tmp_path)
+    P.run_all(plan, say=_quiet)
+    P.write_run_record(plan)
+    assert main(["status", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{plan.run_dir.name}: finished" in out
+    assert "fine done" in out and "last checkpoint: iteration 3" in out and "Chi2_LARBED" in out
+
+
+def test_deployment_schedule():
+    from flows.pipeline import facility_batch
+
+    dep = facility_batch.to_deployment(name="facility", cron="0 2 * * *", parameters={"config_dir": "x"})
+    assert dep.schedules[0].schedule.cron == "0 2 * * *"
+    assert dep.parameters["config_dir"] == "x"
+
+
+def test_run_status_rerun_through_prefect(small, tmp_path, capsys):
+    """`qcbed run` (Prefect, one pattern in this process), then `qcbed rerun` reproduces it bit for bit."""
+    assert main(["run", str(small), "--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / small.stem
+    for s in ("pattern.zarr", "roi.zarr", "structure_factors.zarr", "variance.zarr", "fine.zarr", "report/report.md",
+              "run.json"):
+        assert (run / s).exists(), s
+    rec = json.loads((run / "run.json").read_text())
+    assert rec["versions"]["prefect"].startswith("3.8") and rec["config_text"] == small.read_text()
+    assert "U(1 -1 -1)" in out
+    assert main(["run", str(small), "--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("up to date, skipped") == 6
+    assert main(["rerun", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "reproduced bit for bit" in out
+    assert not list(tmp_path.glob(".rerun-*"))
+    assert len(list(run.glob("rerun-*.json"))) == 1
+
+
+@pytest.mark.slow
+def test_facility_batch_refines_new_and_skips_finished(small, tmp_path):
+    """The scheduled flow's work, called once over a folder: one config finished before, one new."""
+    from flows.pipeline import facility_batch
+
+    folder = tmp_path / "configs"
+    done = _copy_run_config(small, folder, "done")
+    new = _copy_run_config(small, folder, "new", {"seed 2": "seed 2 (copy)"})
+    P.run_all(_plan(done, tmp_path / "results"), say=_quiet)
+    out = facility_batch(str(folder), str(tmp_path / "results"), n_workers=2)
+    assert out["skipped"] == [str(done)] and out["refined"] == [str(new)]
+    assert set(out["results"][str(new)].values()) == {"done"}
+    assert P.read_key(tmp_path / "results" / "new" / "fine.zarr") is not None
+    out = facility_batch(str(folder), str(tmp_path / "results"), n_workers=2)
+    assert out["refined"] == [] and sorted(out["skipped"]) == sorted([str(done), str(new)])
+
+
+@pytest.mark.slow
+def test_kill_during_fine_then_resume(tmp_path):
+    """kill -9 of `qcbed run` during the fine refinement: the rerun skips the finished stages, the fine
+    stage continues from its last checkpoint (iteration numbers continue), and the result equals an
+    uninterrupted run's."""
+    cfg = write_small_larbed_run(tmp_path / "data", "killme", seed=5, max_iterations=60)
+    results = tmp_path / "results"
+    run = results / "killme"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "flows.cli", "run", str(cfg), "--results", str(results)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    trace = run / P.TRACE
+    t0 = time.time()
+    n = 0
+    while time.time() - t0 < 300:
+        if trace.exists():
+            try:
+                n = int(zarr.open_group(str(trace), mode="r").attrs.get("n_committed", 0))
+            except Exception:  # noqa: BLE001  (being written)
+                n = 0
+            if n >= 3:
+                break
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read()
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole group: Prefect's temporary server too
+    proc.wait()
+    first = proc.stdout.read()
+    assert "fine: iteration" in first and not (run / "fine.zarr").exists()
+    killed_at = int(zarr.open_group(str(trace), mode="r").attrs["n_committed"])
+    last_it = int(zarr.open_group(str(trace), mode="r")["iteration"][killed_at - 1])
+
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
+    assert again.returncode == 0, again.stdout + again.stderr
+    out = again.stdout
+    for s in ("load", "roi", "iam", "variance"):
+        assert f"[killme] {s}: up to date, skipped" in out
+    assert f"resuming after iteration {last_it}" in out
+    its = [int(line.split("iteration")[1].split()[0]) for line in out.splitlines() if "fine: iteration" in line]
+    assert its and its[0] == last_it + 1
+
+    ref = P.make_plan(C.load_config(cfg), tmp_path / "uninterrupted")
+    P.run_all(ref, say=_quiet)
+    a = xr.open_zarr(ref.store("fine"), consolidated=False)
+    b = xr.open_zarr(run / "fine.zarr", consolidated=False)
+    np.testing.assert_array_equal(a.value.values, b.value.values)
+    np.testing.assert_array_equal(a.iteration.values, b.iteration.values)
+
+
+def test_coarse_stage_feeds_fine(small, tmp_path):
+    """With a [coarse] section, coarse.zarr (thickness by correlation) is the fine stage's start; its key
+    enters the fine key, and a coarse-only change does not touch load, roi, iam or variance."""
+    cfg = _copy_run_config(small, tmp_path / "cfg", "co")
+    cfg.write_text(cfg.read_text() + "\n[coarse]\nthickness_bracket_A = [700.0, 1100.0]\nbox_px = 3.0\nsearch_px = 1.0\n")
+    plan = _plan(cfg, tmp_path)
+    assert "coarse" in plan.stages
+    P.run_all(plan, say=_quiet)
+    co = xr.open_zarr(plan.store("coarse"), consolidated=False)
+    t = co.attrs["thickness_A"]
+    assert abs(t / 900.0 - 1) < 0.02 and co.attrs["ncc"] > 0.9  # truth 900 Å; config starts at 918 Å
+    fine = xr.open_zarr(plan.store("fine"), consolidated=False)
+    g0 = float(fine.start.sel(param="thickness"))
+    assert g0 == pytest.approx(t)
+    cfg.write_text(cfg.read_text().replace("search_px = 1.0", "search_px = 2.0"))
+    plan2 = _plan(cfg, tmp_path)
+    assert {s for s in plan.stages if plan.keys[s] != plan2.keys[s]} == {"coarse", "fine", "report"}
