@@ -258,19 +258,28 @@ def _validated(source):
 
 
 def _validate_all(sources) -> list:
-    """Validate every config before anything runs; all problems of all configs reported together."""
-    from stages.errors import QcbedInputError
+    """Validate every config before anything runs; the problems of all configs are reported together."""
+    from stages.errors import QcbedInputError, QcbedInputErrors
 
     cfgs, problems = [], []
     for s in sources:
         try:
             cfgs.append(_validated(s))
         except QcbedInputError as exc:
-            problems.append(str(exc))
-    if problems:
-        raise QcbedInputError(f"{len(problems)} of {len(sources)} config(s) invalid", "\n  " + "\n  ".join(problems),
-                              "fix them and run again; nothing was run")
-    return cfgs
+            problems.append((s, exc))
+    if not problems:
+        return cfgs
+    if len(sources) == 1:
+        raise problems[0][1]
+    lines = [f"{len(problems)} of {len(sources)} configs invalid; nothing was run"]
+    for src, exc in problems:
+        if isinstance(exc, QcbedInputErrors) and len(exc.errors) > 1:
+            lines += ["  " + x for x in str(exc).splitlines()]
+        else:
+            lines.append(f"  {src}: {exc}")
+    err = QcbedInputError("CONFIG", "invalid")
+    err.args = ("\n".join(lines),)
+    raise err
 
 
 def _print_results(run_dir: Path) -> None:
