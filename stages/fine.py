@@ -428,6 +428,10 @@ class FineResult:
     n_points: int
     dof: int
     converged: bool
+    #: the fit at the optimum, (disk, inner ROI point): experimental samples at the refined geometry,
+    #: simulated intensity (fraction of the incident beam, PSF applied), model c sim + b (NaN where not
+    #: used), normalised residual (0 where not used), and the used mask
+    fit: dict = field(default_factory=dict)
 
     def value(self, name: str) -> float:
         return float(self.values[self.names.index(name)])
@@ -502,6 +506,11 @@ def refine(problem: FineProblem, max_iterations: int = 200, xatol: float = 1e-4,
     values_sf = problem.from_unit(u_best)
     names = [p.label for p in sf] + problem.geometry_names
     values = np.concatenate([values_sf, [g_best[k] for k in problem.geometry_names]])
+    sim_best = problem.simulated(sol, g_best)
+    exp_best, _, used_best = problem.experimental(g_best)
+    fit_arrays = {"exp": np.asarray(exp_best, float), "sim": np.asarray(sim_best, float),
+                  "model": np.asarray(fit.model, float), "residual": np.asarray(fit.residual, float),
+                  "used": np.asarray(used_best & np.isfinite(fit.model), bool)}
     sigma, corr = _uncertainties(problem, values_sf, g_best, sol, fit)
     counters = dict(problem.counters)
     counters.update({"outer_evaluations": len(memo), "outer_iterations": it, "outer_s": t_outer,
@@ -510,7 +519,7 @@ def refine(problem: FineProblem, max_iterations: int = 200, xatol: float = 1e-4,
     return FineResult(names=names, values=values, sigma=sigma, correlation=corr, gof=float(gof_best),
                       gof_start=float(gof_start), scale=float(fit.scale), background=np.asarray(fit.background),
                       geometry=g_best, trace=trace, counters=counters, n_points=int(fit.n_points), dof=dof,
-                      converged=converged)
+                      converged=converged, fit=fit_arrays)
 
 
 def _uncertainties(problem: FineProblem, values_sf, g, sol, fit):

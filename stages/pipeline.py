@@ -590,9 +590,30 @@ def fine_dataset(problem, res, trace: dict | None, resumed_from=None) -> xr.Data
         "sigma": (("param",), np.asarray(res.sigma, float), {"long_name": "standard error, scaled by max(1, reduced chi^2)"}),
         "start": (("param",), start),
         "correlation": (("param", "param2"), np.nan_to_num(np.asarray(res.correlation, float), nan=0.0)),
-        "background": (("background",), np.atleast_1d(np.asarray(res.background, float))),
+        "background": (("disk",), np.broadcast_to(np.asarray(res.background, float), (len(problem.disks),)).copy(),
+                       {"long_name": "fitted background per disk (one value repeated for single-background metrics)",
+                        "units": "counts"}),
     }
-    coords = {"param": names, "param2": names, "kind": ("param", kind), "units": ("param", units)}
+    d = problem.disks
+    inner = np.nonzero(problem.inner_mask)[0]
+    roi = problem.roi
+    coords = {"param": names, "param2": names, "kind": ("param", kind), "units": ("param", units),
+              "h": ("disk", d[:, 0]), "k": ("disk", d[:, 1]), "l": ("disk", d[:, 2]),
+              "point": inner, "x": ("point", roi.x.values[inner], {"units": "display px"}),
+              "y": ("point", roi.y.values[inner], {"units": "display px"}),
+              "i": ("point", roi.i.values[inner]), "j": ("point", roi.j.values[inner]),
+              "region": ("point", roi.region.values[inner])}
+    fa = res.fit
+    if fa:
+        data["fit_exp"] = (("disk", "point"), fa["exp"], {"long_name": "experimental samples at the refined geometry",
+                                                          "units": "counts"})
+        data["fit_sim"] = (("disk", "point"), fa["sim"], {"long_name": "simulated intensity (fraction of the incident "
+                                                          "beam, PSF applied)"})
+        data["fit_model"] = (("disk", "point"), fa["model"], {"long_name": "scale * simulated + background, NaN where "
+                                                              "not used", "units": "counts"})
+        data["fit_residual"] = (("disk", "point"), fa["residual"], {"long_name": "normalised residual (model - exp) / "
+                                                                    "sigma, 0 where not used"})
+        data["fit_used"] = (("disk", "point"), fa["used"], {"long_name": "sample used by the metric"})
     if trace is not None:
         data["trace_gof"] = (("iteration",), np.asarray(trace["gof"], float))
         data["trace_values"] = (("iteration", "sf_param"), np.asarray(trace["best"], float))

@@ -25,7 +25,7 @@ _LABEL = re.compile(r"^(?P<comp>[A-Za-z_]+)\((?P<h>-?\d+) (?P<k>-?\d+) (?P<l>-?\
 def _open(path: Path) -> xr.Dataset | None:
     if not (path / "zarr.json").exists():
         return None
-    return xr.open_zarr(path, consolidated=False).load()
+    return xr.open_zarr(path, consolidated=False, chunks=None).load()
 
 
 def parse_label(label: str):

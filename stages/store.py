@@ -55,4 +55,6 @@ def open_store(store: str | Path) -> xr.Dataset:
     store = Path(store)
     if not (store / "zarr.json").exists():
         raise QcbedInputError(str(store), "no zarr store here", "run the stage that writes it first")
-    return xr.open_zarr(store, consolidated=False).load()
+    # chunks=None: plain numpy reads; with dask arrays, a dask client in the process (qcbed run with several
+    # configs) would turn every read into a task queued behind the refinements on the cluster
+    return xr.open_zarr(store, consolidated=False, chunks=None).load()
