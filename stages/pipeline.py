@@ -673,9 +673,9 @@ def run_all(plan: Plan, say=_say, until: str | None = None) -> dict:
     """Every enabled stage in order (plain Python, no Prefect): {stage: status}."""
     out = {}
     for s in plan.stages:
-        out[s] = run_stage(plan, s, say)
-        if s == until:
+        if until is not None and STAGES.index(s) > STAGES.index(until):
             break
+        out[s] = run_stage(plan, s, say)
     return out
 
 
