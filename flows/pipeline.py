@@ -100,12 +100,12 @@ def load_run_config(source: str | Path):
         try:
             rec = json.loads(rec_path.read_text())
             cfg = C.RunConfig(Path(rec["config_path"]), P.tomllib_loads(rec["config_text"]))
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise QcbedInputError(str(rec_path), f"unreadable run record ({type(exc).__name__}: {exc})") from None
-        return C.validate_run_config(cfg) if hasattr(C, "validate_run_config") else cfg
-    if hasattr(C, "validate_config"):
-        return C.validate_config(source)
-    return C.load_config(source)
+        cfg = C.validate_run_config(cfg)
+        cfg.text = rec["config_text"]
+        return cfg
+    return C.validate_config(source)
 
 
 def _remote_stage(config_source: str, run_dir: str, stage: str) -> str:

@@ -340,8 +340,14 @@ def dependency_versions() -> dict:
 def write_run_record(plan: Plan, command: list[str] | None = None, extra: dict | None = None) -> Path:
     """``<run>/run.json``: the config (text, path, parsed), input digests, stage keys, versions, command."""
     cfg = plan.cfg
+    text = getattr(cfg, "text", None)  # a config rebuilt from a run record carries its stored text
+    if text is None:
+        try:
+            text = cfg.path.read_text()
+        except OSError:
+            text = None
     rec = {
-        "qcbed_version": __version__, "config_path": str(cfg.path), "config_text": cfg.path.read_text(),
+        "qcbed_version": __version__, "config_path": str(cfg.path), "config_text": text,
         "config": json.loads(canonical(cfg.data)), "input_digests": plan.digests, "stage_keys": plan.keys,
         "versions": dependency_versions(), "command": command or sys.argv, "cwd": os.getcwd(), "written": _now(),
     }
