@@ -692,7 +692,7 @@ SCHEMA: dict[str, _Table] = {
                          required=("hv_kV", "zone"), fix={"hv_kV": "e.g. hv_kV = 200.0", "zone": "e.g. zone = [1, 1, 0]"}),
     "simulation": _Table({"thickness_A": _chk_number(gt=0.0, fix="the (starting) thickness in Å"),
                           "scattering_table": _chk_string(("peng", "kirkland")),
-                          "absorption": _chk_string(("none", "proportional")),
+                          "absorption": _chk_string(("none", "proportional", "bird_king")),
                           "absorption_fraction": _chk_number(ge=0.0, lt=1.0, fix="typical values are 0.02-0.1"),
                           "solver": _chk_string(("general", "hermitian")),
                           "g_max": _POSITIVE, "sg_max": _POSITIVE, "sg_strong": _POSITIVE, "bethe": _boolean,

@@ -206,6 +206,9 @@ def iam_dataset(model: ForwardModel, g_max_invA: float = 1.5, extra_hkl=None) ->
     n_u, n_up = len(pot.overrides["U"]), len(pot.overrides["Uprime"])
     if model.absorption == "proportional":
         absorption = f"proportional: U'_g = {model.absorption_fraction:g} U_g"
+    elif model.absorption == "bird_king":
+        absorption = ("bird_king: thermal diffuse scattering absorption (Bird & King, Acta Cryst. A46 (1990) 202) "
+                      f"from the {model.table} f_e table and each atom's B")
     else:
         absorption = "none: U'_g = 0"
     if n_up:

@@ -9,8 +9,10 @@ the potential is U(r) = Σ_g U_g exp(+2πi g·r), so
     F_x(g) = Σ_j occ_j Z_j T_j exp(-2πi g·r_j) - s^2 F_e / C_MB    [electrons] (Mott-Bethe)
 
 with s = |g|/2, T_j = exp(-h^T β_j h), C_MB = m0 e^2/(8π ε0 h^2) = 0.0239337 Å
-(../shared/research/anchors.md §3).  The crystallographic X-ray convention exp(+2πi h·x) is the
-complex conjugate; exports for X-ray programs conjugate explicitly.
+(../shared/research/anchors.md §3).  Absorption (Bird & King TDS model, absorption.py):
+U'_g = γ F'/(πΩ), F'(g) = Σ_j occ_j f'_j(s) T_j(g) exp(-2πi g·r_j) with f' ∝ 1/v.
+The crystallographic X-ray convention exp(+2πi h·x) is the complex conjugate; exports for X-ray
+programs conjugate explicitly.
 
 Symmetry: for an operation x' = R x + t of the space group, F(h R) = F(h) exp(+2πi h·t)
 (h a row vector).  Friedel: U_{-g} = U_g* for a real potential (and U'_{-g} = U'_g*).
@@ -24,6 +26,7 @@ import numpy as np
 
 from ..errors import QcbedInputError
 from . import constants as K
+from .absorption import b_equivalent, tds_absorptive_factor
 from .crystal import Crystal
 from .scattering import DEFAULT_TABLE, atomic_number, check_table, electron_scattering_factor, xray_scattering_factor
 
@@ -59,6 +62,26 @@ def electron_structure_factor(crystal: Crystal, hkl, table: str = DEFAULT_TABLE)
     for el in np.unique(elements):
         sel = elements == el
         out += electron_scattering_factor(str(el), s, table) * terms[:, sel].sum(1)
+    return out
+
+
+def absorptive_structure_factor(crystal: Crystal, hkl, table: str = DEFAULT_TABLE, hv_kV: float | None = None) -> np.ndarray:
+    """Bird & King TDS absorptive F'(g) [Å per cell], complex, for reflections hkl (n, 3).
+
+    F' = Σ_j occ_j f'_j(s; B_eq,j) T_j(g) exp(-2πi g·r_j): the same occupancies, Debye-Waller factors
+    and phases as :func:`electron_structure_factor`, f' from :mod:`.absorption` (isotropic-equivalent
+    B_eq inside the integral for anisotropic atoms).  ``hv_kV``: f' at that voltage (∝ c/v);
+    None gives the voltage-independent f' with prefactor 2h/(m0 c).  U'_g = γ F'/(πΩ).
+    """
+    table = check_table(table)
+    hkl = _as_hkl(hkl)
+    s = 0.5 * crystal.g_length(hkl)
+    terms, elements = _atom_terms(crystal, hkl)
+    b_eq = np.round(b_equivalent(crystal.atoms["beta"], crystal.G), 9)
+    out = np.zeros(len(hkl), complex)
+    for el, b in dict.fromkeys(zip(map(str, elements), b_eq.tolist())):
+        sel = (elements == el) & (b_eq == b)
+        out += tds_absorptive_factor(el, s, b, table, hv_kV) * terms[:, sel].sum(1)
     return out
 
 
@@ -188,17 +211,20 @@ def related_reflections(crystal: Crystal, hkl) -> list[tuple[tuple[int, int, int
 
 
 # ------------------------------------------------------------------------------- potential
-ABSORPTION_MODELS = ("none", "proportional")
+ABSORPTION_MODELS = ("none", "proportional", "bird_king")
 
 
 @dataclass
 class Potential:
     """The crystal potential U_g + i U'_g [Å^-2] at one voltage, with refined overrides.
 
-    IAM values come from ``table``; absorption is ``absorption`` = 'none' or 'proportional'
-    (U'_g = absorption_fraction * U_g, phases included), and per-reflection U'_g given with
-    :meth:`set`.  :meth:`set` on one reflection sets all its symmetry equivalents and Friedel
-    mates with the correct phases, so the potential keeps the crystal's symmetry.
+    IAM values come from ``table``; absorption is ``absorption`` = 'none', 'proportional'
+    (U'_g = absorption_fraction * U_g, phases included) or 'bird_king' (thermal diffuse scattering
+    after Bird & King 1990 from the same f_e table and each atom's B, U'_g = γ F'/(πΩ) with F' from
+    :func:`absorptive_structure_factor`; ``absorption_fraction`` is then unused), and per-reflection
+    U'_g given with :meth:`set`.  :meth:`set` on one reflection sets all its symmetry equivalents
+    and Friedel mates with the correct phases, so the potential keeps the crystal's symmetry.  A
+    refined U_g override carries U'_g along only for 'proportional'.
     """
 
     crystal: Crystal
@@ -219,7 +245,7 @@ class Potential:
         if not np.isfinite(self.absorption_fraction) or self.absorption_fraction < 0:
             raise QcbedInputError("absorption_fraction", f"must be >= 0, got {self.absorption_fraction}",
                                   "typical values are 0.02-0.1")
-        if self.absorption == "none":
+        if self.absorption in ("none", "bird_king"):
             self.absorption_fraction = 0.0
 
     @property
@@ -230,6 +256,14 @@ class Potential:
         """IAM U_g [Å^-2] (complex) for hkl (n, 3)."""
         hkl = _as_hkl(hkl)
         return ug_from_fe(electron_structure_factor(self.crystal, hkl, self.table), self.crystal, self.hv_kV)
+
+    def iam_prime(self, hkl) -> np.ndarray:
+        """Model U'_g [Å^-2] (complex) for hkl (n, 3), without overrides."""
+        hkl = _as_hkl(hkl)
+        if self.absorption == "bird_king":
+            fp = absorptive_structure_factor(self.crystal, hkl, self.table, self.hv_kV)
+            return ug_from_fe(fp, self.crystal, self.hv_kV)
+        return self.absorption_fraction * self.iam(hkl)
 
     def set(self, hkl, U=None, Uprime=None) -> list[tuple[int, int, int]]:
         """Set U and/or U' of reflection hkl (complex or real) and of all reflections related by symmetry.
@@ -263,7 +297,7 @@ class Potential:
         if hit is not None:
             return hit
         u = self.iam(hkl)
-        up = self.absorption_fraction * u
+        up = self.iam_prime(hkl) if self.absorption == "bird_king" else self.absorption_fraction * u
         if self._u or self._up:
             for i, h in enumerate(map(tuple, hkl.tolist())):
                 if h in self._u:
