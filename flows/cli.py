@@ -290,7 +290,7 @@ def _print_results(run_dir: Path) -> None:
     except FileNotFoundError:
         return
     print(f"[{run_dir.name}] {s['gof_name']} {s['gof_start']:.5g} -> {s['gof']:.5g} (reduced), "
-          f"{'converged' if s['converged'] else 'NOT converged'}; report: {run_dir / 'report' / 'report.md'}")
+          f"{'converged' if s['converged'] else 'NOT converged'}; report: {run_dir / 'report' / 'report.html'}")
     for p in s["parameters"]:
         iam = ""
         if p.get("iam") is not None:
@@ -402,6 +402,36 @@ def cmd_rerun(args) -> int:
     else:
         shutil.rmtree(new, ignore_errors=True)
     return 0 if same else 1
+
+
+def cmd_report(args) -> int:
+    """Regenerate results/<run>/report/ from the stores (no refit), or compare several runs."""
+    from stages.errors import QcbedInputError
+    from stages.report import compare_text, write_comparison, write_report
+
+    runs = [Path(r) for r in args.runs]
+    for r in runs:
+        if not (r / "fine.zarr" / "zarr.json").exists():
+            raise QcbedInputError(str(r), "not a finished run (no fine.zarr)", "give results/<run> of a finished qcbed run")
+    if args.compare:
+        if len(runs) < 2:
+            raise QcbedInputError("--compare", "needs at least two run folders", "qcbed report --compare results/a results/b")
+        t0 = time.perf_counter()
+        out, c = write_comparison(runs, args.out)
+        print(compare_text(c))
+        for what, geo in (("structure factors disagree", False), ("geometry differs (expected between patterns)", True)):
+            bad = [p["name"] for p in c["parameters"] if p["consistent"] is False and (p["kind"] == "geometry") == geo]
+            if bad:
+                print(f"{what} (p < {c['disagree_p']}): {', '.join(bad)}")
+        print(f"wrote {out / 'compare.html'} (and compare.md, .json, .csv) in {time.perf_counter() - t0:.1f} s")
+        return 0
+    if args.out is not None:
+        raise QcbedInputError("--out", "is for --compare only", "a run's report is always written to <run>/report/")
+    for r in runs:
+        t0 = time.perf_counter()
+        path = write_report(r, plots=not args.no_plots)
+        print(f"[{r.name}] report: {path / 'report.html'} ({time.perf_counter() - t0:.1f} s)")
+    return 0
 
 
 def cmd_serve(args) -> int:
@@ -524,6 +554,18 @@ def make_parser() -> argparse.ArgumentParser:
                     help="largest accepted difference, in standard errors of the stored values (default 0.01)")
     rr.add_argument("--keep", action="store_true", help="keep the rerun's folder (default: removed after comparing)")
     rr.set_defaults(func=cmd_rerun)
+
+    rp = sub.add_parser("report", help="regenerate a run's report from its stores, or compare runs",
+                        description="Writes RUN/report/ (report.html, report.md, results.json, structure_factors.csv, "
+                                    "correlation.csv, VESTA .hkl files, figures) from the run's zarr stores, without "
+                                    "refitting. With --compare: the refined values of several runs side by side, with "
+                                    "their weighted mean, scatter and chi^2 of consistency (compare.html/.md/.json/.csv "
+                                    "in --out, default <parent of the first run>/compare-<names>/).")
+    rp.add_argument("runs", nargs="+", metavar="RUN", help="run folders, e.g. results/si_cbed")
+    rp.add_argument("--compare", action="store_true", help="compare the runs instead of writing their reports")
+    rp.add_argument("--out", metavar="DIR", help="folder of the comparison (with --compare)")
+    rp.add_argument("--no-plots", action="store_true", help="skip the figures (faster)")
+    rp.set_defaults(func=cmd_report)
 
     sv = sub.add_parser("serve", help="serve a Prefect deployment that refines a folder of configs on a schedule",
                         description="Every CRON tick, refine each config (*.toml) in the watched folder that is not "

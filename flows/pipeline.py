@@ -139,7 +139,44 @@ def refine_pattern(config_source: str, results_dir: str = "results", run_dir: st
             if until is not None and P.STAGES.index(s) > P.STAGES.index(until):
                 break
             out[s] = stage_task.with_options(name=f"{s}")(str(config_source), str(plan.run_dir), s, remote)
+    if "report" in out:
+        publish_report_artifacts(plan.run_dir)
     return out
+
+
+def artifact_key(run_name: str, suffix: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits and dashes only) for a run."""
+    import re
+
+    base = re.sub(r"[^a-z0-9]+", "-", run_name.lower()).strip("-") or "run"
+    return f"{base}-{suffix}"
+
+
+def publish_report_artifacts(run_dir) -> list[str]:
+    """The run's summary as Prefect artifacts (markdown ``<run>-report``, table ``<run>-structure-factors``),
+    from ``report/results.json``; visible in the Prefect UI with the flow run.  Failures are logged as a
+    warning, never raised: the report files are the record, artifacts a convenience copy."""
+    import json
+
+    run_dir = Path(run_dir)
+    keys = []
+    try:
+        from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+        from stages.report import artifact_table, render_markdown
+
+        s = json.loads((run_dir / "report" / "results.json").read_text())
+        md = render_markdown(s) + f"\n\nFull report with figures: `{run_dir / 'report' / 'report.html'}`\n"
+        k = artifact_key(run_dir.name, "report")
+        create_markdown_artifact(key=k, markdown=md, description=f"qcbed report of {run_dir.name}")
+        keys.append(k)
+        k = artifact_key(run_dir.name, "structure-factors")
+        create_table_artifact(key=k, table=artifact_table(s), description=f"refined structure factors of {run_dir.name}")
+        keys.append(k)
+    except Exception as exc:  # noqa: BLE001  -- never fail a finished run for its artifacts
+        logging.getLogger("qcbed").warning("[%s] Prefect artifacts not published: %s: %s", run_dir.name,
+                                           type(exc).__name__, exc)
+    return keys
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
