@@ -404,6 +404,24 @@ def cmd_rerun(args) -> int:
     return 0 if same else 1
 
 
+def _check_fine_store(run: Path) -> None:
+    """A fine.zarr the report can read: written by this qcbed version's fine stage, and readable."""
+    from stages import __version__
+    from stages.errors import QcbedInputError
+    from stages.store import open_store
+
+    try:
+        ds = open_store(run / "fine.zarr")
+    except Exception as exc:  # noqa: BLE001  (damaged store: any reader error)
+        raise QcbedInputError(str(run / "fine.zarr"), f"unreadable ({type(exc).__name__}: {exc})",
+                              "run `qcbed run CONFIG` again: the fine stage is recomputed") from None
+    missing = [v for v in ("value", "sigma", "fit_exp", "fit_model", "h") if v not in ds.variables]
+    if missing or ds.attrs.get("qcbed_version") != __version__:
+        why = f"lacks {', '.join(missing)}" if missing else f"was written by qcbed {ds.attrs.get('qcbed_version')}"
+        raise QcbedInputError(str(run / "fine.zarr"), f"{why}; this is qcbed {__version__}",
+                              "run `qcbed run CONFIG` again (its stage keys include the version, so the stages recompute)")
+
+
 def cmd_report(args) -> int:
     """Regenerate results/<run>/report/ from the stores (no refit), or compare several runs."""
     from stages.errors import QcbedInputError
@@ -413,6 +431,7 @@ def cmd_report(args) -> int:
     for r in runs:
         if not (r / "fine.zarr" / "zarr.json").exists():
             raise QcbedInputError(str(r), "not a finished run (no fine.zarr)", "give results/<run> of a finished qcbed run")
+        _check_fine_store(r)
     if args.compare:
         if len(runs) < 2:
             raise QcbedInputError("--compare", "needs at least two run folders", "qcbed report --compare results/a results/b")
