@@ -436,3 +436,23 @@ def test_acentric_and_centric_rows(tmp_path):
     c = rows[(2, 0, 0)]
     assert c["centric"] and c["U"] == -0.02 and c["F_x_im"] == 0.0
     assert c["Uprime_source"] == "none" and c["Uprime"] == 0.0
+
+
+def test_old_or_damaged_fine_store_gives_one_message(runs, tmp_path, capsys):
+    import shutil
+
+    import zarr
+
+    from flows.cli import main
+
+    run = tmp_path / "old"
+    shutil.copytree(runs[0].run_dir, run)
+    zarr.open_group(str(run / "fine.zarr"), mode="r+").attrs["qcbed_version"] = "0.0.1"
+    before = (run / "report" / "report.html").read_bytes()
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "fine.zarr: was written by qcbed 0.0.1" in err and "qcbed run CONFIG" in err and err.count("\n") == 1
+    (run / "fine.zarr" / "zarr.json").write_text("{ damaged")
+    assert main(["report", str(run)]) == 2
+    assert "fine.zarr" in capsys.readouterr().err
+    assert (run / "report" / "report.html").read_bytes() == before  # the earlier report is untouched
