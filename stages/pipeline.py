@@ -52,7 +52,7 @@ import xarray as xr
 from . import __version__
 from . import config as C
 from .errors import QcbedInputError
-from .store import open_store, write_store
+from .store import open_store, replace_dir, write_store
 
 STAGES = ("load", "roi", "iam", "variance", "coarse", "fine", "report")
 STORES = {"load": "pattern.zarr", "roi": "roi.zarr", "iam": "structure_factors.zarr", "variance": "variance.zarr",
@@ -516,9 +516,7 @@ class TraceStore:
                                 ("simplex", (0, n_vertices, n_params), "f8"), ("fsim", (0, n_vertices), "f8")):
             g.create_array(name, shape=shape, chunks=(c,) + shape[1:], dtype=dt)
         g.attrs.update({"stage_key": key, "names": names, "n_committed": 0, **attrs})
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        os.rename(tmp, self.path)
+        replace_dir(tmp, self.path)
 
     def append(self, row: dict) -> None:
         import zarr

@@ -45,7 +45,6 @@ import html
 import io
 import json
 import math
-import os
 import re
 import shutil
 import uuid
@@ -56,6 +55,7 @@ import numpy as np
 import xarray as xr
 
 from . import __version__
+from .store import replace_dir
 
 _LABEL = re.compile(r"^(?P<comp>[A-Za-z_]+)\((?P<h>-?\d+) (?P<k>-?\d+) (?P<l>-?\d+)\)$")
 R_FACTOR_DEFINITION = ("R = Σ|I_exp − I_model| / Σ|I_exp| over the samples the figure of merit used "
@@ -1024,14 +1024,7 @@ def write_report(run_dir, key: str | None = None, plots: bool = True, say=_say) 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():
-        old = run_dir / f".report.old-{uuid.uuid4().hex[:8]}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    return final
+    return replace_dir(tmp, final)
 
 
 # ============================================================================ comparison of runs

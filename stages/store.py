@@ -33,14 +33,21 @@ def write_store(ds: xr.Dataset, store: str | Path) -> Path:
     tmp = parent / f".{store.name}.tmp-{uuid.uuid4().hex[:8]}"
     ds = _variable_length_strings(ds)
     ds.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False)
-    if store.exists():
-        old = parent / f".{store.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(store, old)
-        os.rename(tmp, store)
+    return replace_dir(tmp, store)
+
+
+def replace_dir(tmp: Path, final: Path) -> Path:
+    """Put the complete folder ``tmp`` in place of ``final`` (rename() cannot replace a non-empty
+    folder: the old one is renamed aside first, then removed)."""
+    tmp, final = Path(tmp), Path(final)
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(final, old)
+        os.rename(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.rename(tmp, store)
-    return store
+        os.rename(tmp, final)
+    return final
 
 
 def _variable_length_strings(ds: xr.Dataset) -> xr.Dataset:
