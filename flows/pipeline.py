@@ -200,13 +200,17 @@ def dask_client(dask_address: str | None = None, n_workers: int = 2):
                                   "start it with `dask scheduler` and `dask worker ADDRESS`, or leave the option out") from None
     import dask
 
-    # Worker processes: one BLAS thread each; no MALLOC_TRIM_THRESHOLD_ (dask's default of 64 kB
+    # Worker processes: one BLAS thread each, the cores split among them for tile threads; no MALLOC_TRIM_THRESHOLD_ (dask's default of 64 kB
     # makes glibc return memory at once, so every large numpy temporary is a fresh mmap: the fine
     # refinement ran 13-17% slower on a worker than in a plain process); no statistical profiler
     # (it samples the worker's stack every 10 ms).
     env = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ", {}).items()
            if k != "MALLOC_TRIM_THRESHOLD_"}
     env.update({"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1, "OPENBLAS_NUM_THREADS": 1})
+    # tile threads per worker (stages.simulate.solver_threads): the cores shared among the workers
+    from stages.simulate import solver_threads
+
+    env.setdefault("QCBED_THREADS", max(1, solver_threads() // max(1, int(n_workers))))
     dask.config.set({"distributed.nanny.pre-spawn-environ": env, "distributed.worker.profile.enabled": False})
     cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
                            silence_logs=logging.WARNING)

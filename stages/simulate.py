@@ -12,6 +12,8 @@ refinement) call.  It returns a labeled :class:`xarray.Dataset`:
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +27,29 @@ from .physics.crystal import Crystal
 from .physics.geometry import Geometry
 from .physics.scattering import TABLE_REFERENCES
 from .physics.structure_factors import Potential
+
+
+def solver_threads() -> int:
+    """Threads that solve tiles concurrently: QCBED_THREADS, else the cores this process may use (max 16).
+
+    Each thread calls single-threaded LAPACK on its own tiles (LAPACK releases the GIL), so the
+    cores are used without BLAS threading (../shared/research/stack.md); the result of a tile does
+    not depend on the thread that solves it, so any thread count gives identical numbers.
+    """
+    v = os.environ.get("QCBED_THREADS", "").strip()
+    if v:
+        try:
+            n = int(v)
+        except ValueError:
+            raise QcbedInputError("QCBED_THREADS", f"must be a whole number of threads, got {v!r}") from None
+        if n < 1:
+            raise QcbedInputError("QCBED_THREADS", f"must be >= 1, got {n}")
+        return n
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(16, cores))
 
 
 @dataclass
@@ -66,7 +91,8 @@ class ForwardModel:
         return solve(self.geometry, self.potential, beams, kt, out_hkl, self.method,
                      coupling_matrices(self.potential, beams))
 
-    def solve_tiled(self, kt, out_hkl, tile_invA: float | None = None, beam_cache: dict | None = None) -> TiledSolution:
+    def solve_tiled(self, kt, out_hkl, tile_invA: float | None = None, beam_cache: dict | None = None,
+                    threads: int | None = None) -> TiledSolution:
         """Solve many tilts in square tiles of side ``tile_invA`` [Å^-1] in the zone plane.
 
         Each tile has its own beam set, selected for every tilt within the circle circumscribing the
@@ -76,7 +102,8 @@ class ForwardModel:
         kt = 0, so an exact zone axis is a tile centre and keeps its symmetry.  ``out_hkl`` are the
         output beams of every tile.  ``beam_cache`` (a dict kept by the caller) reuses each tile's
         beam set across calls: a refinement selects beams once, at its starting structure factors,
-        so its objective is smooth (the selection thresholds involve |U_g|).
+        so its objective is smooth (the selection thresholds involve |U_g|).  ``threads``: tiles solved
+        concurrently (default :func:`solver_threads`); the numbers do not depend on it.
         """
         tile = self.tile_invA if tile_invA is None else float(tile_invA)
         kt = np.atleast_2d(np.asarray(kt, float))
@@ -87,9 +114,11 @@ class ForwardModel:
         cell = np.floor(xy / tile + 0.5).astype(np.int64)
         cells, tile_id = np.unique(cell, axis=0, return_inverse=True)
         tile_id = tile_id.ravel()
-        parts = []
+        order = np.argsort(tile_id, kind="stable")
+        bounds = np.searchsorted(tile_id[order], np.arange(len(cells) + 1))
+        jobs = []
         for t, (cx, cy) in enumerate(cells):
-            idx = np.nonzero(tile_id == t)[0]
+            idx = order[bounds[t]:bounds[t + 1]]
             key = (int(cx), int(cy), tile, out.tobytes())
             beams = None if beam_cache is None else beam_cache.get(key)
             if beams is None:
@@ -97,8 +126,19 @@ class ForwardModel:
                 beams = self.beams(centre, out, radius_invA=tile / np.sqrt(2))
                 if beam_cache is not None:
                     beam_cache[key] = beams
-            parts.append((idx, solve(geo, self.potential, beams, kt[idx], out, self.method,
-                                     coupling_matrices(self.potential, beams))))
+            jobs.append((idx, beams))
+        self.potential.get(np.zeros((1, 3), int))  # warm the potential's tables before threads share it
+
+        def one(job):
+            idx, beams = job
+            return idx, solve(geo, self.potential, beams, kt[idx], out, self.method, coupling_matrices(self.potential, beams))
+
+        n_threads = min(solver_threads() if threads is None else int(threads), len(jobs))
+        if n_threads > 1:
+            with ThreadPoolExecutor(n_threads, thread_name_prefix="qcbed-tile") as ex:
+                parts = list(ex.map(one, jobs))
+        else:
+            parts = [one(j) for j in jobs]
         return TiledSolution(n_tilts=len(kt), out_hkl=out, parts=parts)
 
     def attrs(self) -> dict:
