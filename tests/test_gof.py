@@ -249,7 +249,7 @@ def test_user_metric_from_file(tmp_path):
 
 def test_builtin_names_and_detector():
     assert set(METRICS) == {"XCorrelation", "Chi2", "Chi2_const", "Chi2_multibackground",
-                            "Chi2_LARBED", "Chi2_LARBED_multibackground"}
+                            "Chi2_LARBED", "Chi2_LARBED_multibackground", "Chi2_LARBED_perdisk"}
     for name, cls in METRICS.items():
         m = make_gof(name, detector=YAG)
         assert type(m) is cls and m.name == name
@@ -322,3 +322,25 @@ def test_errors():
     assert e.value.field == "pattern.detector"
     with pytest.raises(QcbedInputError, match="n_free"):
         Chi2().reduced(Chi2().fit(sim, exp), -1)
+
+
+def test_per_disk_scale_metric_recovers_each_disks_scale_and_background():
+    """Chi2_LARBED_perdisk: independently scaled images c_d I + b_d are fitted exactly (chi^2 = 0), each
+    disk's c_d and b_d recovered; with noise it equals the sum of separate one-disk fits."""
+    from stages.physics.gof import METRICS, weighted_fit
+
+    rng = np.random.default_rng(4)
+    sim = rng.uniform(0.01, 0.2, (3, 50))
+    c = np.array([2.0e5, 7.5e4, 3.1e5])
+    b = np.array([120.0, -40.0, 900.0])
+    exp = c[:, None] * sim + b[:, None]
+    var = np.maximum(exp, 1.0)
+    fit = METRICS["Chi2_LARBED_perdisk"]().fit(sim, exp, var)
+    np.testing.assert_allclose(fit.scales, c, rtol=1e-10)
+    np.testing.assert_allclose(fit.background, b, rtol=1e-8, atol=1e-6)
+    assert fit.value < 1e-12 * exp.size and fit.n_linear == 6 and fit.scale == fit.scales[0]
+    noisy = exp + rng.normal(0, np.sqrt(var))
+    fit = METRICS["Chi2_LARBED_perdisk"]().fit(sim, noisy, var)
+    one = [weighted_fit(sim[d:d + 1], noisy[d:d + 1], var[d:d + 1], np.ones((1, 50), bool)) for d in range(3)]
+    np.testing.assert_allclose(fit.value, sum(f.value for f in one), rtol=1e-12)
+    np.testing.assert_allclose(fit.scales, [f.scale for f in one], rtol=1e-12)

@@ -19,6 +19,8 @@ Chi2MultiBackground                       detector model at I_x           b_d pe
 Chi2LARBED ("Chi2_LARBED")                the given ``variance``          one b
 Chi2LARBEDMultiBackground                 the given ``variance``          b_d per disk
 ("Chi2_LARBED_multibackground")
+Chi2LARBEDPerDisk                         the given ``variance``          c_d, b_d per disk
+("Chi2_LARBED_perdisk")
 ========================================  ==============================  =====================
 
 * Poisson: the variance of a count equals its mean; it is estimated from the data, floored at
@@ -113,6 +115,7 @@ class Fit:
     residual: np.ndarray
     n_points: int
     n_linear: int
+    scales: np.ndarray | None = None  # c_d per disk (metrics with a scale per disk); scale = c of disk 0
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -159,12 +162,15 @@ def _prepare(sim, exp, mask, variance=None, use_variance=False):
     return sim, exp, var, used
 
 
-def weighted_fit(sim, exp, sigma2, used, per_disk: bool = False, fit_background: bool = True) -> Fit:
+def weighted_fit(sim, exp, sigma2, used, per_disk: bool = False, fit_background: bool = True,
+                 per_disk_scale: bool = False) -> Fit:
     """chi^2 fit with closed-form scale and background(s) (see the module docstring).
 
     sim, exp, sigma2: arrays (n_disks, n_points) [counts, counts, counts^2]; used: boolean
     array of the points to use (sigma2 must be finite and > 0 there, sim/exp finite).
     per_disk: one background per disk (else one for all); fit_background=False fixes b = 0.
+    per_disk_scale: a scale and a background per disk (each disk its own linear fit, for images
+    scaled independently); ``Fit.scales`` holds them, ``Fit.scale`` is the first disk's.
     """
     sim = np.asarray(sim, dtype=np.float64)
     exp = np.asarray(exp, dtype=np.float64)
@@ -182,6 +188,8 @@ def weighted_fit(sim, exp, sigma2, used, per_disk: bool = False, fit_background:
     x = np.where(used, exp, 0.0)
     n_disks = sim.shape[0]
 
+    if per_disk_scale:
+        return _per_disk_fit(sim, x, t, w, used, fit_background)
     if not fit_background:
         den = float(np.sum(w * t * t))
         if not den > 0:
@@ -223,6 +231,33 @@ def weighted_fit(sim, exp, sigma2, used, per_disk: bool = False, fit_background:
     residual = np.where(used, (np.where(used, model, 0.0) - x) * np.sqrt(w), 0.0)
     return Fit(value=float(np.sum(residual * residual)), scale=c, background=b, model=model,
                residual=residual, n_points=int(used.sum()), n_linear=n_linear)
+
+
+def _per_disk_fit(sim, x, t, w, used, fit_background: bool) -> Fit:
+    """c_d sim + b_d per disk (the centred closed form of :func:`weighted_fit`, disk by disk)."""
+    s_d = w.sum(axis=1)
+    has = s_d > 0
+    safe = np.where(has, s_d, 1.0)
+    if fit_background:
+        t_ref = ((w * t).sum(axis=1) / safe)[:, None]
+        x_ref = ((w * x).sum(axis=1) / safe)[:, None]
+    else:
+        t_ref = x_ref = np.zeros((len(t), 1))
+    dt = np.where(used, t - t_ref, 0.0)
+    dx = np.where(used, x - x_ref, 0.0)
+    den = np.sum(w * dt * dt, axis=1)
+    flat = has & ~(den > DEGENERATE_RTOL * np.sum(w * t * t, axis=1))
+    if flat.any():
+        raise QcbedInputError("sim", f"the simulation is constant over the used points of disk(s) "
+                              f"{np.nonzero(flat)[0].tolist()}, so its scale is undetermined",
+                              "check the simulation and the ROI, or leave those disks out")
+    c = np.where(has, np.sum(w * dt * dx, axis=1) / np.where(has, den, 1.0), np.nan)
+    b = np.where(has, x_ref[:, 0] - c * t_ref[:, 0], np.nan) if fit_background else np.zeros(len(t))
+    model = np.where(used, np.nan_to_num(c)[:, None] * sim + np.nan_to_num(b)[:, None], np.nan)
+    residual = np.where(used, (np.where(used, model, 0.0) - x) * np.sqrt(w), 0.0)
+    n_linear = int(has.sum()) * (2 if fit_background else 1)
+    return Fit(value=float(np.sum(residual * residual)), scale=float(c[0]), background=b, model=model,
+               residual=residual, n_points=int(used.sum()), n_linear=n_linear, scales=c)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -299,6 +334,7 @@ class Chi2(BaseGOF):
 
     name = "Chi2"
     per_disk = False
+    per_disk_scale = False     # True: a scale (and background) per disk
     uses_variance = False      # True: sigma^2 is the ``variance`` argument (required)
 
     def __init__(self, fit_background: bool = True):
@@ -319,7 +355,7 @@ class Chi2(BaseGOF):
         if bad.any():
             self._variance_error(int(bad.sum()))
         return weighted_fit(sim, exp, s2, used, per_disk=self.per_disk,
-                            fit_background=self.fit_background)
+                            fit_background=self.fit_background, per_disk_scale=self.per_disk_scale)
 
     def __repr__(self):
         return f"{type(self).__name__}(fit_background={self.fit_background})"
@@ -383,6 +419,17 @@ class Chi2LARBEDMultiBackground(Chi2LARBED):
     per_disk = True
 
 
+class Chi2LARBEDPerDisk(Chi2LARBED):
+    """chi^2 with the given ``variance``, a scale and a background per disk.
+
+    For LARBED images that were scaled independently (e.g. each stretched to the full 16-bit
+    range when exported), where the intensity ratios between disks are not data."""
+
+    name = "Chi2_LARBED_perdisk"
+    per_disk = True
+    per_disk_scale = True
+
+
 METRICS: dict[str, type[BaseGOF]] = {
     "XCorrelation": XCorrelation,
     "Chi2": Chi2,
@@ -390,6 +437,7 @@ METRICS: dict[str, type[BaseGOF]] = {
     "Chi2_multibackground": Chi2MultiBackground,
     "Chi2_LARBED": Chi2LARBED,
     "Chi2_LARBED_multibackground": Chi2LARBEDMultiBackground,
+    "Chi2_LARBED_perdisk": Chi2LARBEDPerDisk,
 }
 """Built-in metrics by their PyExtal names."""
 
