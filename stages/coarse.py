@@ -983,3 +983,82 @@ def coarse_cell(model: ForwardModel, pg: PatternGeometry, pattern, disks, box_px
     result.params["cell"] = list(result.model.crystal.cell)
     result.params["crystal_system"] = system
     return result
+
+
+# ------------------------------------------------------------------------------ 4. per-disk alignment (LARBED)
+def _display_jacobian(pg: PatternGeometry, h) -> np.ndarray:
+    """d(pixel row, col) / d(display x, y) of disk h (2x2; the LARBED mapping is affine)."""
+    xy = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    rc = pg.display_to_pixel(xy, np.repeat(np.atleast_2d(np.asarray(h, int)), 3, axis=0))
+    return np.stack([rc[1] - rc[0], rc[2] - rc[0]], 1)
+
+
+def coarse_disk_shifts(result: CoarseResult, pattern, *, max_shift_px: float = 3.0, radius_px: float | None = None,
+                       psf_px=None) -> CoarseResult:
+    """Per-disk alignment of a LARBED pattern at a coarse result's thickness and geometry.
+
+    Each disk of a digital LACBED data set is its own image, recorded and cut out separately, so
+    each may sit a fraction of a pixel (or a few pixels) away from where the common geometry puts
+    it.  For every disk the shift of the *simulation* (cubic splines of the noise-free field, as
+    in :meth:`_Problem.ncc`; the experimental samples stay fixed) that maximises that disk's own
+    zero-mean NCC is found: a grid search over ±``max_shift_px`` display px in field steps, then
+    Nelder-Mead from the best grid point.  The first disk (the reference, normally 0 0 0) moves
+    tilt0 (the orientation); every other disk's shift relative to it becomes a pixel offset in
+    ``geometry.disk_shift_px`` (added to any offset it had).  Nothing is solved: the result's field
+    is re-used; its ``ncc_per_disk`` are the disks' own NCCs after alignment and ``params`` holds
+    the offsets.
+    """
+    t_start = time.perf_counter()
+    fld = result.field
+    if fld is None:
+        raise QcbedInputError("coarse", "disk alignment needs the simulated field of a coarse result")
+    pg = result.geometry
+    if pg.kind != "larbed":
+        raise QcbedInputError("coarse.align_disks", "per-disk alignment applies to LARBED patterns (one image per disk)",
+                              "remove align_disks for CBED (its disks share one image: use the global shift)")
+    if not np.isfinite(max_shift_px) or max_shift_px <= 0:
+        raise QcbedInputError("coarse.max_disk_shift_px", f"must be a positive number of display px, got {max_shift_px!r}")
+    counters = Counters()
+    disks = fld.disks
+    prob = _Problem(fld, pg, _images(pattern, pg, disks), radius_px, "per_disk", counters)
+    coeffs = _FieldCache(fld, counters, _psf_kernel(psf_px, fld.step_px))(result.thickness_A)
+    lim = min(float(max_shift_px) / fld.step_px, float(fld.n_search))
+
+    def ncc_d(d, m):
+        sim = ndi.map_coordinates(coeffs[d], [prob._rows + m[1], prob._cols + m[0]], order=3, prefilter=False,
+                                  mode="mirror")
+        return float(_ncc_direct(prob.values[d:d + 1], prob.mask[d:d + 1], sim[None], "per_disk")[1][0])
+
+    grid = np.arange(-np.floor(lim), np.floor(lim) + 1)
+    shifts, per = np.zeros((len(disks), 2)), np.zeros(len(disks))
+    for d in range(len(disks)):
+        cands = [(ncc_d(d, (gx, gy)), gx, gy) for gy in grid for gx in grid]
+        _, gx, gy = max(cands)
+        bnds = [(-lim, lim), (-lim, lim)]
+        res = minimize(lambda u: 1.0 - ncc_d(d, u), np.array([gx, gy]), method="Nelder-Mead", bounds=bnds,
+                       options={"initial_simplex": np.array([[gx, gy], [gx + 0.5, gy], [gx, gy + 0.5]]),
+                                "xatol": 1e-3, "fatol": 1e-10, "maxiter": 400})
+        shifts[d], per[d] = res.x, 1.0 - float(res.fun)
+    # reference disk -> orientation (tilt0); the others -> pixel offsets relative to it
+    geom, move = prob.correction(pg, tuple(shifts[0]))
+    offsets = dict(pg.disk_shift_px)
+    added = {}
+    for d, h in enumerate(disks[1:], start=1):
+        J = _display_jacobian(pg, h)
+        delta = -J @ ((shifts[d] - shifts[0]) * fld.step_px)  # pixel (row, col) of the disk's samples
+        key = tuple(int(v) for v in h)
+        old = offsets.get(key, (0.0, 0.0))
+        offsets[key] = (float(old[0] + delta[0]), float(old[1] + delta[1]))
+        added[" ".join(map(str, key))] = [float(delta[0]), float(delta[1])]
+    geom = geom.with_(disk_shift_px=offsets)
+    # check: the aligned geometry, sampled afresh, at zero shift
+    check = _Problem(fld, geom, _images(pattern, geom, disks), radius_px, "per_disk", counters)
+    joint, per_after = check.ncc(coeffs, (0.0, 0.0))
+    counters.wall_s = time.perf_counter() - t_start
+    params = {"disk_shift_px": {" ".join(map(str, map(int, h))): list(offsets.get(tuple(int(v) for v in h), (0.0, 0.0)))
+                                for h in disks[1:]},
+              "added_px": added, "reference_move_px": list(move), "ncc_per_disk_at_optimum": per.tolist()}
+    return CoarseResult(thickness_A=result.thickness_A, geometry=geom, model=result.model, shift_px=move,
+                        ncc=float(joint), ncc_per_disk=np.asarray(per_after, float), disks=disks.copy(), params=params,
+                        counters=counters.as_dict(), scan={}, at_edge=bool(np.any(np.abs(shifts) > lim - 1e-3)),
+                        at_bound=False, field=fld)

@@ -14,7 +14,8 @@ Sections (relative paths resolve against the config file's folder)::
     [refine]       gof, reflections, geometry, psf_sigma, psf_gamma, max_iterations, thickness_scan,
                    initial_step, xatol (see stages/fine.py)
     [coarse]       enabled, thickness_bracket_A = [lo, hi], box_px, search_px, step_px, radius_px,
-                   background = "per_disk" | "joint", disks = [[h, k, l], ...] (see stages/coarse.py)
+                   background = "per_disk" | "joint", disks = [[h, k, l], ...], fit_gl, gl_bracket_px,
+                   align_disks (LARBED), max_disk_shift_px (see stages/coarse.py)
     [run]          name (letters, digits, - _ .: names the results folder)
 
 Every problem is reported as a QcbedInputError naming the field path (e.g. ``geometry.gl_px``).
@@ -54,7 +55,8 @@ GEOMETRY_KEYS = {"gl_px", "rotation_deg", "centre_px", "tilt0", "tilt0_xy_invA",
 ROI_KEYS = {"disks", "regions", "padding", "disk_mask"}
 REFINE_KEYS = {"gof", "reflections", "geometry", "psf_sigma", "psf_gamma", "max_iterations", "thickness_scan",
                "initial_step", "xatol"}
-COARSE_KEYS = {"enabled", "thickness_bracket_A", "box_px", "search_px", "step_px", "radius_px", "background", "disks"}
+COARSE_KEYS = {"enabled", "thickness_bracket_A", "box_px", "search_px", "step_px", "radius_px", "background", "disks",
+               "fit_gl", "gl_bracket_px", "align_disks", "max_disk_shift_px"}
 RUN_KEYS = {"name"}
 
 
@@ -723,7 +725,9 @@ SCHEMA: dict[str, _Table] = {
                      fix={"reflections": "list the reflections to refine, e.g. [{hkl = [1, -1, -1], refine = [\"U\"]}]"}),
     "coarse": _Table({"enabled": _boolean, "thickness_bracket_A": _chk_interval(positive=True, fix="give [low, high] in Å"),
                       "box_px": _POSITIVE, "search_px": _ZERO_OK, "step_px": _POSITIVE, "radius_px": _POSITIVE,
-                      "background": _chk_string(("per_disk", "joint")), "disks": _triples},
+                      "background": _chk_string(("per_disk", "joint")), "disks": _triples,
+                      "fit_gl": _boolean, "gl_bracket_px": _chk_interval(positive=True, fix="give [low, high] in px"),
+                      "align_disks": _boolean, "max_disk_shift_px": _POSITIVE},
                      rules=(_coarse_rule,)),
     "run": _Table({"name": _run_name}),
 }
@@ -753,6 +757,10 @@ def _cross_checks(data: dict, ctx: _Ctx) -> None:
         for name, needs in (("disk_shifts", "cbed"), ("psf", "larbed")):
             if name in geo and kind != needs:
                 ctx.add(QcbedInputError("refine.geometry", f"{name!r} applies to kind = \"{needs}\" only", f"remove {name!r}"))
+    coarse = data.get("coarse") if isinstance(data.get("coarse"), dict) else {}
+    if kind == "cbed" and coarse.get("align_disks") is True and not ctx.has("coarse.align_disks"):
+        ctx.add(QcbedInputError("coarse.align_disks", "per-disk alignment applies to kind = \"larbed\" only (CBED disks "
+                                "share one image)", "remove align_disks; the orientation fit moves every disk"))
 
 
 # builder error fields that do not name the config section

@@ -17,8 +17,8 @@ import xarray as xr
 
 from stages import coarse as CO
 from stages import config as C
-from stages.coarse import (coarse_cell, coarse_debye_waller, coarse_gl, coarse_orientation_thickness,
-                           coarse_voltage, crystal_system)
+from stages.coarse import (coarse_cell, coarse_debye_waller, coarse_disk_shifts, coarse_gl,
+                           coarse_orientation_thickness, coarse_voltage, crystal_system)
 from stages.errors import QcbedInputError
 from stages.load import load_pattern
 from stages.physics.beams import Selection
@@ -203,6 +203,33 @@ def test_gl_larbed(larbed):
                       field=fit.field)
         assert g.counters["eigen_solves"] == 0 and g.counters["intensity_evaluations"] <= 2
         assert abs(g.geometry.gl_px / 40.0 - 1) < 0.005  # measured 0.09 %
+
+
+def test_larbed_disk_alignment(larbed):
+    """Images recorded with their own sub-pixel offsets (relative to 0 0 0): coarse_disk_shifts finds
+    each offset from the cached field (nothing re-solved), moves the reference disk's offset into tilt0,
+    and raises every disk's NCC."""
+    truth = {G: (0.7, -1.2), (2, -2, -2): (-1.5, 0.4), (-1, 1, 1): (0.3, 0.9)}
+    pg = larbed.pg.with_(disk_shift_px=truth)
+    counts, _, _, _ = make_larbed(larbed.model, pg, (40, 40), DISKS, LARBED_T,
+                                  Effects(scale=2e4, background=20.0, noise="poisson", seed=5))
+    ds = _larbed_ds(counts, DISKS)
+    fit = coarse_orientation_thickness(larbed.model, larbed.pg, ds, DISKS, **LARBED_ARGS, field=larbed.fit.field)
+    al = coarse_disk_shifts(fit, ds, max_shift_px=3.0)
+    assert al.counters["eigen_solves"] == 0
+    found = {h: np.asarray(al.geometry.disk_shift_px[h]) for h in DISKS[1:]}
+    want = {h: np.asarray(truth.get(h, (0.0, 0.0))) for h in DISKS[1:]}
+    # 40 x 40 noisy images near a systematic row (fringes nearly parallel: a shift along them is
+    # poorly determined): offsets between images measured <= 0.33 px, each relative to the reference
+    # (0 0 0, broad fringes) <= 0.5 px, for true offsets up to 1.6 px
+    for a in DISKS[1:]:
+        assert np.hypot(*(found[a] - want[a])) < 0.7
+        for b in DISKS[1:]:
+            assert np.hypot(*((found[a] - found[b]) - (want[a] - want[b]))) < 0.4, (a, b)
+    assert np.all(al.ncc_per_disk >= fit.ncc_per_disk - 1e-9) and al.ncc > fit.ncc
+    assert set(al.params["disk_shift_px"]) == {" ".join(map(str, h)) for h in DISKS[1:]}
+    with pytest.raises(QcbedInputError, match="max_disk_shift_px"):
+        coarse_disk_shifts(fit, ds, max_shift_px=0.0)
 
 
 # --------------------------------------------------------------------------------------- bad input

@@ -93,6 +93,15 @@ def test_shipped_configs_validate_clean(name):
     assert cfg.path == ref.path and cfg.data == ref.data
 
 
+def test_gesn_config_validates_clean():
+    """The real-data config (reads ../shared/data/gesn-lacbed; skipped where that folder is absent)."""
+    path = DATA / "gesn_lacbed" / "config.toml"
+    if not (DATA.parent.parent / "shared" / "data" / "gesn-lacbed").is_dir():
+        pytest.skip("../shared/data/gesn-lacbed is not here")
+    cfg = validate_config(path)
+    assert cfg.section("coarse")["align_disks"] is True and len(cfg.section("roi")["disks"]) == 17
+
+
 def test_relative_paths_resolve_against_the_config_folder(run_dir, tmp_path, monkeypatch):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -200,6 +209,10 @@ def test_coarse_and_run_sections_validate(run_dir):
     ('name = "si_cbed-1.0"', 'name = "../results"', "run.name"),
     ('name = "si_cbed-1.0"', 'name = "my run"', "run.name"),
     ('name = "si_cbed-1.0"', "name = 3", "run.name"),
+    ("radius_px = 25.0", "radius_px = 25.0\nalign_disks = true", "coarse.align_disks"),
+    ("radius_px = 25.0", "radius_px = 25.0\nmax_disk_shift_px = 0.0", "coarse.max_disk_shift_px"),
+    ("radius_px = 25.0", "radius_px = 25.0\ngl_bracket_px = [20.0, 10.0]", "coarse.gl_bracket_px"),
+    ("radius_px = 25.0", "radius_px = 25.0\nfit_gl = 1", "coarse.fit_gl"),
 ])
 def test_coarse_and_run_sections_reject_bad_values(run_dir, old, new, field):
     text = (CBED + COARSE).replace(old, new)
