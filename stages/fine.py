@@ -18,6 +18,10 @@ The nested loop of the seed specification (../shared/seed/), with the anchor's w
 * Uncertainties: the Jacobian of the weighted residuals (scale and backgrounds re-solved in closed
   form, i.e. profiled) with respect to every refined parameter at the optimum gives
   cov = (J^T J)^-1 * max(1, reduced chi^2); standard errors and the correlation matrix are reported.
+* Agreement per disk: the zero-mean normalised cross-correlation (:func:`zncc_per_disk`) of the
+  experimental samples and the simulated intensity over the samples the metric used, at the start
+  (the start structure factors with the inner geometry optimum found for them: the objective's own
+  evaluation of the start) and at the optimum.
 * Counters: eigen-solves, inner evaluations and wall time of each phase.
 """
 
@@ -41,6 +45,35 @@ GEOMETRY_PARAMS = ("thickness", "gl", "rotation", "shift", "disk_shifts", "psf")
 _STEP = {"thickness": 10.0, "gl": 0.2, "rotation": 0.1, "shift": 0.3, "disk_shift": 0.3, "sigma": 0.2, "gamma": 0.05}
 #: Default absolute half-range [Å^-2] for a reflection whose IAM value is zero.
 ZERO_IAM_HALF_RANGE = 2.0e-3
+ZNCC_DEFINITION = ("ZNCC_d = Σ (e − ē)(s − s̄) / sqrt(Σ (e − ē)² Σ (s − s̄)²) over the samples of disk d used by the "
+                   "figure of merit (fit_used), e = experimental samples, s = simulated intensity (PSF applied), means "
+                   "over those samples; NaN for a disk with fewer than 2 used samples or no variation. Mean ZNCC: plain "
+                   "(unweighted) mean over the disks with a ZNCC")
+
+
+def zncc_per_disk(exp, sim, used) -> np.ndarray:
+    """Zero-mean normalised cross-correlation of ``exp`` and ``sim`` (disk, point) per disk, over ``used``
+    (see :data:`ZNCC_DEFINITION`)."""
+    exp, sim = np.asarray(exp, float), np.asarray(sim, float)
+    used = np.asarray(used, bool) & np.isfinite(exp) & np.isfinite(sim)
+    out = np.full(exp.shape[0], np.nan)
+    for d in range(exp.shape[0]):
+        u = used[d]
+        if u.sum() < 2:
+            continue
+        e = exp[d][u] - exp[d][u].mean()
+        s = sim[d][u] - sim[d][u].mean()
+        den = np.sqrt((e * e).sum() * (s * s).sum())
+        if den > 0:
+            out[d] = float((e * s).sum() / den)
+    return out
+
+
+def zncc_mean(zncc) -> float:
+    """Plain mean of the per-disk ZNCC over the disks that have one (NaN when none has)."""
+    z = np.asarray(zncc, float)
+    z = z[np.isfinite(z)]
+    return float(z.mean()) if z.size else float("nan")
 
 
 @dataclass
@@ -432,6 +465,18 @@ class FineResult:
     #: simulated intensity (fraction of the incident beam, PSF applied), model c sim + b (NaN where not
     #: used), normalised residual (0 where not used), and the used mask
     fit: dict = field(default_factory=dict)
+    #: per disk: ZNCC of experiment and simulation at the optimum, and at the start (the start structure
+    #: factors with their inner geometry optimum); :data:`ZNCC_DEFINITION`
+    zncc: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    zncc_start: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    @property
+    def zncc_mean(self) -> float:
+        return zncc_mean(self.zncc)
+
+    @property
+    def zncc_mean_start(self) -> float:
+        return zncc_mean(self.zncc_start)
 
     def value(self, name: str) -> float:
         return float(self.values[self.names.index(name)])
@@ -452,26 +497,41 @@ def refine(problem: FineProblem, max_iterations: int = 200, xatol: float = 1e-4,
     the ordered simplex and its values, and the objective does not depend on history, so the resumed
     run takes the same steps as an uninterrupted one (tested bit-identical).  ``on_start(gof_start)``
     is called once the starting point is evaluated (before the first iteration).
+
+    The per-disk ZNCC at the start comes from the objective's evaluation of the start point (the
+    first outer evaluation); a resumed run, which does not re-evaluate it, evaluates the start once
+    more before continuing (one eigen-solve; the objective does not depend on history, so the
+    numbers equal an uninterrupted run's).
     """
     t_start = time.perf_counter()
     memo: dict = {}
     sf = problem.sf
     n = len(sf)
+    u0 = problem.to_unit([p.x0 for p in sf])
+    key0 = np.asarray(u0, float).tobytes()
+    start: dict = {}  # ZNCC per disk at the start point, from its evaluation
+
+    def evaluate(u):
+        sol = problem.solve(problem.from_unit(u))
+        val, g, fit = problem.inner(sol)
+        if not start and np.asarray(u, float).tobytes() == key0:
+            exp, sim, used = _fit_arrays(problem, sol, g, fit)
+            start["zncc"] = zncc_per_disk(exp, sim, used)
+        return val, g, fit
 
     def objective(u):
         key = np.asarray(u, float).tobytes()
         if key not in memo:
-            sol = problem.solve(problem.from_unit(u))
-            val, g, fit = problem.inner(sol)
-            memo[key] = (val, g, fit)
+            memo[key] = evaluate(u)
         return memo[key][0]
 
-    u0 = problem.to_unit([p.x0 for p in sf])
     if start_simplex is not None and start_fsim is not None:
         for u, f in zip(np.asarray(start_simplex, float), np.asarray(start_fsim, float)):
             memo[np.asarray(u, float).tobytes()] = (float(f), None, None)
     if gof_start is None:
         gof_start = objective(u0)
+    if not start:  # resumed (the start is not re-evaluated by the objective): its evaluation, once
+        evaluate(u0)
     if on_start is not None:
         on_start(float(gof_start))
     if start_simplex is not None:
@@ -506,11 +566,9 @@ def refine(problem: FineProblem, max_iterations: int = 200, xatol: float = 1e-4,
     values_sf = problem.from_unit(u_best)
     names = [p.label for p in sf] + problem.geometry_names
     values = np.concatenate([values_sf, [g_best[k] for k in problem.geometry_names]])
-    sim_best = problem.simulated(sol, g_best)
-    exp_best, _, used_best = problem.experimental(g_best)
-    fit_arrays = {"exp": np.asarray(exp_best, float), "sim": np.asarray(sim_best, float),
-                  "model": np.asarray(fit.model, float), "residual": np.asarray(fit.residual, float),
-                  "used": np.asarray(used_best & np.isfinite(fit.model), bool)}
+    exp_best, sim_best, used_best = _fit_arrays(problem, sol, g_best, fit)
+    fit_arrays = {"exp": exp_best, "sim": sim_best, "model": np.asarray(fit.model, float),
+                  "residual": np.asarray(fit.residual, float), "used": used_best}
     sigma, corr = _uncertainties(problem, values_sf, g_best, sol, fit)
     counters = dict(problem.counters)
     counters.update({"outer_evaluations": len(memo), "outer_iterations": it, "outer_s": t_outer,
@@ -519,7 +577,17 @@ def refine(problem: FineProblem, max_iterations: int = 200, xatol: float = 1e-4,
     return FineResult(names=names, values=values, sigma=sigma, correlation=corr, gof=float(gof_best),
                       gof_start=float(gof_start), scale=float(fit.scale), background=np.asarray(fit.background),
                       geometry=g_best, trace=trace, counters=counters, n_points=int(fit.n_points), dof=dof,
-                      converged=converged, fit=fit_arrays)
+                      converged=converged, fit=fit_arrays, zncc=zncc_per_disk(exp_best, sim_best, used_best),
+                      zncc_start=np.asarray(start["zncc"], float))
+
+
+def _fit_arrays(problem: FineProblem, sol, g: dict, fit):
+    """(experimental samples, simulated intensity with the PSF, used mask), each (disk, inner point), at
+    the cached solution ``sol`` and geometry ``g`` whose figure-of-merit fit is ``fit``."""
+    sim = problem.simulated(sol, g)
+    exp, _, used = problem.experimental(g)
+    used = used & np.isfinite(fit.model) if fit.model is not None else used
+    return np.asarray(exp, float), np.asarray(sim, float), np.asarray(used, bool)
 
 
 def _uncertainties(problem: FineProblem, values_sf, g, sol, fit):

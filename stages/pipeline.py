@@ -408,7 +408,7 @@ def compute_variance(plan: Plan) -> xr.Dataset:
 
 
 def compute_coarse(plan: Plan) -> xr.Dataset:
-    from .coarse import coarse_orientation_thickness
+    from .coarse import coarse_disk_shifts, coarse_gl, coarse_orientation_thickness
 
     cfg = plan.cfg
     c = cfg.section("coarse")
@@ -423,9 +423,29 @@ def compute_coarse(plan: Plan) -> xr.Dataset:
     r = cfg.section("refine")
     if pg.kind == "larbed" and (r.get("psf_sigma") or r.get("psf_gamma")):
         psf = (float(r.get("psf_sigma", 0.0)), float(r.get("psf_gamma", 0.0)))
-    res = coarse_orientation_thickness(model, pg, pattern, disks, box, float(c.get("search_px", 5.0)), bracket,
-                                       float(c.get("step_px", 1.0)), radius_px=c.get("radius_px"),
-                                       background=str(c.get("background", "per_disk")), psf_px=psf)
+    search, step, radius = float(c.get("search_px", 5.0)), float(c.get("step_px", 1.0)), c.get("radius_px")
+    background = str(c.get("background", "per_disk"))
+    res = coarse_orientation_thickness(model, pg, pattern, disks, box, search, bracket, step, radius_px=radius,
+                                       background=background, psf_px=psf)
+    steps = {"orientation_thickness": _coarse_summary(res)}
+    fit_gl, align = bool(c.get("fit_gl", False)), bool(c.get("align_disks", False))
+    if fit_gl or align:
+        # two rounds of gl, then per-disk alignment, at the current thickness; then thickness and
+        # orientation again with those (all on the one solved field: nothing re-solves)
+        fld, first = res.field, res
+        for rnd in (1, 2):
+            if fit_gl:
+                res = coarse_gl(model, res.geometry, pattern, disks, box, search, res.thickness_A,
+                                c.get("gl_bracket_px"), step, radius_px=radius, background=background, psf_px=psf,
+                                field=fld)
+                steps[f"gl_{rnd}"] = _coarse_summary(res)
+            if align:
+                res = coarse_disk_shifts(res, pattern, max_shift_px=float(c.get("max_disk_shift_px", 3.0)),
+                                         radius_px=radius, psf_px=psf)
+                steps[f"disk_alignment_{rnd}"] = _coarse_summary(res)
+        res = coarse_orientation_thickness(model, res.geometry, pattern, disks, box, search, bracket, step,
+                                           radius_px=radius, background=background, psf_px=psf, field=fld)
+        steps["orientation_thickness_final"] = _coarse_summary(res)
     d = res.as_dict()
     scan = d["scan"]
     ds = xr.Dataset(
@@ -435,8 +455,15 @@ def compute_coarse(plan: Plan) -> xr.Dataset:
                 "scan_thickness_A": ("scan", np.asarray(scan.get("thickness_A", []), float), {"units": "Å"})},
         attrs={"thickness_A": float(res.thickness_A), "ncc": float(res.ncc), "shift_px": list(res.shift_px),
                "geometry": json.dumps(res.geometry.as_dict()), "at_edge": int(res.at_edge),
-               "at_bound": int(res.at_bound), "counters": json.dumps(res.counters)})
+               "at_bound": int(res.at_bound), "counters": json.dumps(res.counters), "steps": json.dumps(steps)})
     return ds
+
+
+def _coarse_summary(res) -> dict:
+    """One coarse step's outcome for the store's ``steps`` attribute (JSON)."""
+    return {"thickness_A": float(res.thickness_A), "ncc": float(res.ncc), "gl_px": float(res.geometry.gl_px),
+            "ncc_per_disk": [float(x) for x in res.ncc_per_disk], "params": res.as_dict()["params"],
+            "wall_s": float(res.counters.get("wall_s", 0.0))}
 
 
 def _geometry_from_json(model, text: str):
@@ -576,12 +603,16 @@ def run_fine(plan: Plan, say=_say) -> dict:
     ds = fine_dataset(problem, res, full, resumed_from=kw.get("start_iteration"))
     write_store(_with_key(ds, plan, "fine", r), plan.store("fine"))
     say(f"{prefix}: {problem.gof.name} {res.gof_start:.6g} -> {res.gof:.6g}, "
+        f"mean ZNCC {res.zncc_mean_start:.5f} -> {res.zncc_mean:.5f}, "
         f"{'converged' if res.converged else 'not converged'} after {res.counters['outer_iterations']} iterations")
     return {"resumed_from": kw.get("start_iteration")}
 
 
 def fine_dataset(problem, res, trace: dict | None, resumed_from=None) -> xr.Dataset:
-    """fine.zarr: refined values ± sigma, correlations, fit statistics, geometry, trace, counters."""
+    """fine.zarr: refined values ± sigma, correlations, fit statistics, geometry, trace, counters, and the
+    ZNCC per disk at the start and at the optimum (``zncc_start``, ``zncc``; their means in the attrs)."""
+    from .fine import ZNCC_DEFINITION, zncc_mean
+
     names = list(res.names)
     start_sf = [p.x0 for p in problem.sf]
     g0 = problem.geometry_start()
@@ -618,6 +649,15 @@ def fine_dataset(problem, res, trace: dict | None, resumed_from=None) -> xr.Data
         data["fit_residual"] = (("disk", "point"), fa["residual"], {"long_name": "normalised residual (model - exp) / "
                                                                     "sigma, 0 where not used"})
         data["fit_used"] = (("disk", "point"), fa["used"], {"long_name": "sample used by the metric"})
+    zn, zn0 = np.asarray(getattr(res, "zncc", ()), float), np.asarray(getattr(res, "zncc_start", ()), float)
+    has_zncc = zn.shape == zn0.shape == (len(d),)
+    if has_zncc:
+        data["zncc_start"] = (("disk",), zn0, {"long_name": "zero-mean normalised cross-correlation of experiment and "
+                                                            "simulation at the start (start structure factors, their "
+                                                            "inner geometry optimum)", "definition": ZNCC_DEFINITION})
+        data["zncc"] = (("disk",), zn, {"long_name": "zero-mean normalised cross-correlation of experiment and "
+                                                     "simulation at the optimum (the fit_* arrays)",
+                                        "definition": ZNCC_DEFINITION})
     if trace is not None:
         data["trace_gof"] = (("iteration",), np.asarray(trace["gof"], float))
         data["trace_values"] = (("iteration", "sf_param"), np.asarray(trace["best"], float))
@@ -633,6 +673,8 @@ def fine_dataset(problem, res, trace: dict | None, resumed_from=None) -> xr.Data
         "counters": json.dumps(res.counters), "resumed_from_iteration": -1 if resumed_from is None else int(resumed_from),
         "disks": json.dumps(problem.disks.tolist()),
     })
+    if has_zncc:
+        ds.attrs.update({"zncc_mean_start": zncc_mean(zn0), "zncc_mean": zncc_mean(zn)})
     return ds
 
 

@@ -61,6 +61,10 @@ _LABEL = re.compile(r"^(?P<comp>[A-Za-z_]+)\((?P<h>-?\d+) (?P<k>-?\d+) (?P<l>-?\
 R_FACTOR_DEFINITION = ("R = Σ|I_exp − I_model| / Σ|I_exp| over the samples the figure of merit used "
                        "(per disk, and over all disks); I_model = scale × simulated + background")
 CHI2_PER_POINT_DEFINITION = "Σ r² / n over the disk's used samples, r = (I_model − I_exp) / σ (the normalised residual)"
+ZNCC_DEFINITION = ("ZNCC = Σ (e − ē)(s − s̄) / sqrt(Σ (e − ē)² Σ (s − s̄)²) per disk over the samples the figure of merit "
+                   "used, e = experimental samples, s = simulated intensity (PSF applied); start: the start structure "
+                   "factors with the geometry the inner loop finds for them; end: the optimum; mean: plain mean over "
+                   "the disks")
 SIGMA_DEFINITION = ("standard errors from the Jacobian of the weighted residuals at the optimum, "
                     "cov = (JᵀJ)⁻¹ × max(1, reduced χ²); scale and backgrounds profiled")
 #: |correlation| above which a pair of parameters is flagged
@@ -277,13 +281,18 @@ def structure_factor_rows(st: RunStores) -> list[dict]:
 
 
 def fit_statistics(fine: xr.Dataset) -> dict:
-    """Per disk: points used, background, R factor, chi^2 per point; and the totals."""
+    """Per disk: points used, background, R factor, chi^2 per point, ZNCC at the start and at the end;
+    and the totals (the ZNCC of a fine.zarr written before it was recorded: None)."""
     disks = [(int(h), int(k), int(l)) for h, k, l in zip(fine.h.values, fine.k.values, fine.l.values)]
     out = {"r_factor_definition": R_FACTOR_DEFINITION, "chi2_per_point_definition": CHI2_PER_POINT_DEFINITION,
-           "disks": [], "r_factor": None}
+           "zncc_definition": ZNCC_DEFINITION, "disks": [], "r_factor": None,
+           "zncc_mean_start": _num(fine.attrs.get("zncc_mean_start")), "zncc_mean": _num(fine.attrs.get("zncc_mean"))}
     bg = fine.background.values if "background" in fine else np.full(len(disks), np.nan)
+    zn0 = fine.zncc_start.values if "zncc_start" in fine else np.full(len(disks), np.nan)
+    zn = fine.zncc.values if "zncc" in fine else np.full(len(disks), np.nan)
     if "fit_used" not in fine:
-        out["disks"] = [{"hkl": list(d), "background": _num(b)} for d, b in zip(disks, bg)]
+        out["disks"] = [{"hkl": list(d), "background": _num(b), "zncc_start": _num(z0), "zncc": _num(z)}
+                        for d, b, z0, z in zip(disks, bg, zn0, zn)]
         return out
     used = fine.fit_used.values.astype(bool)
     exp, model, res = fine.fit_exp.values, fine.fit_model.values, fine.fit_residual.values
@@ -296,6 +305,7 @@ def fit_statistics(fine: xr.Dataset) -> dict:
         out["disks"].append({"hkl": list(d), "n_points": n, "background": _num(bg[i]),
                              "r_factor": num / den if den > 0 else None,
                              "chi2_per_point": float((res[i][u] ** 2).sum() / n) if n else None,
+                             "zncc_start": _num(zn0[i]), "zncc": _num(zn[i]),
                              "mean_counts": float(exp[i][u].mean()) if n else None})
     out["r_factor"] = num_t / den_t if den_t > 0 else None
     return out
@@ -569,13 +579,15 @@ def _corr_table(s: dict) -> tuple[list[str], list[list[Cell]]]:
 
 
 def _disk_table(s: dict) -> tuple[list[str], list[list[Cell]]]:
-    head = ["disk", "points used", "background", "R", "χ² per point", "mean counts"]
+    head = ["disk", "points used", "background", "R", "ZNCC start", "ZNCC end", "χ² per point", "mean counts"]
     rows = []
     for d in s["fit"]["disks"]:
         k = f"disk/{_hkl_label(d['hkl'])}"
         rows.append([Cell(_hkl_label(d["hkl"])), N(d.get("n_points"), key=f"{k}/n_points"),
                      N(d.get("background"), key=f"{k}/background", digits=5),
                      N(d.get("r_factor"), key=f"{k}/r_factor", digits=4),
+                     N(d.get("zncc_start"), key=f"{k}/zncc_start", digits=5),
+                     N(d.get("zncc"), key=f"{k}/zncc", digits=5),
                      N(d.get("chi2_per_point"), key=f"{k}/chi2_per_point", digits=4),
                      N(d.get("mean_counts"), key=f"{k}/mean_counts", digits=5)])
     return head, rows
@@ -599,6 +611,10 @@ def _fit_summary_rows(s: dict) -> tuple[list[str], list[list[Cell]]]:
         [Cell(f"{s['gof_name']} (reduced{' χ²' if chi else ''}), start → end"),
          Cell(f"{fmt(s['gof_start'])} → {fmt(s['gof'])}", value=s["gof"], key="fit/gof", cls="num")],
         [Cell("R factor, all disks"), N(s["fit"]["r_factor"], key="fit/r_factor", digits=4)],
+        [Cell("mean ZNCC over disks, start → end"),
+         Cell("—" if s["fit"].get("zncc_mean") is None else
+              f"{fmt(s['fit'].get('zncc_mean_start'), digits=5)} → {fmt(s['fit']['zncc_mean'], digits=5)}",
+              value=s["fit"].get("zncc_mean"), key="fit/zncc_mean", cls="num")],
         [Cell("points used"), N(s["n_points"], key="fit/n_points")],
         [Cell("refined parameters (+ scale and backgrounds, profiled)"), N(s["n_parameters"], key="fit/n_parameters")],
         [Cell("degrees of freedom"), N(s["dof"], key="fit/dof")],
@@ -697,7 +713,7 @@ def _sections(s: dict) -> list[tuple[str, str, object]]:
     blocks.append(("table", "", _fit_summary_rows(s)))
     blocks.append(("table", "", _disk_table(s)))
     blocks.append(("notes", "", [s["fit"]["r_factor_definition"] + ".", "χ² per point: " +
-                                 s["fit"]["chi2_per_point_definition"] + "."]))
+                                 s["fit"]["chi2_per_point_definition"] + ".", ZNCC_DEFINITION + "."]))
     blocks.append(("images", "disks", "Experimental, simulated and difference per disk (shared colour scale)"))
     blocks.append(("images", "profiles", "Line profiles through the regions of interest"))
     blocks.append(("h2", "Refinement trace", None))

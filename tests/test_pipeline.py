@@ -118,6 +118,9 @@ def test_checkpoint_resume_is_exact(small, tmp_path):
     b = xr.open_zarr(part.store("fine"), consolidated=False)
     np.testing.assert_array_equal(a.value.values, b.value.values)
     np.testing.assert_array_equal(a.trace_gof.values, b.trace_gof.values)
+    # the ZNCC at the start: from the first evaluation, or (resumed) from one evaluation of the start
+    np.testing.assert_array_equal(a.zncc_start.values, b.zncc_start.values)
+    np.testing.assert_array_equal(a.zncc.values, b.zncc.values)
     assert b.attrs["resumed_from_iteration"] == 2
 
 
