@@ -230,6 +230,7 @@ class FineProblem:
             self.variances.append(var)
         self._names = self._geometry_names()
         self.beam_cache: dict = {}
+        self._var_floor: dict = {}
 
     # ---------------------------------------------------------------- geometry vector
     def _geometry_names(self) -> list[str]:
@@ -309,7 +310,7 @@ class FineProblem:
         if pg.kind == "cbed":  # one image: sample every disk in one call
             rc = pg.display_to_pixel(np.tile(xy, (nd, 1)), np.repeat(self.disks, n, axis=0))
             exp, ok = cubic_sample(self.images[0], rc[:, 0], rc[:, 1], self.valids[0])
-            var = cubic_sample(self.variances[0], rc[:, 0], rc[:, 1], self.valids[0])[0] if has_var else None
+            var = self._variance_at(0, rc) if has_var else None
             exp, ok = exp.reshape(nd, n), ok.reshape(nd, n)
             var = var.reshape(nd, n) if has_var else None
             return exp, var, ok & self.included
@@ -320,8 +321,20 @@ class FineProblem:
             rc = pg.display_to_pixel(xy, h)
             exp[d], ok[d] = cubic_sample(self.images[d], rc[:, 0], rc[:, 1], self.valids[d])
             if has_var:
-                var[d], _ = cubic_sample(self.variances[d], rc[:, 0], rc[:, 1], self.valids[d])
+                var[d] = self._variance_at(d, rc)
         return exp, var, ok & self.included
+
+    def _variance_at(self, d: int, rc) -> np.ndarray:
+        """The variance map of disk d sampled at pixels rc like the intensity (cubic convolution), floored
+        at the map's smallest valid value: the interpolation kernel's negative lobes undershoot next to
+        a sharp peak (Poisson sigma^2 = I of a bright line), and a variance never falls below the
+        smallest one of the pixels it is interpolated from."""
+        if d not in self._var_floor:
+            v, ok = self.variances[d], self.valids[d]
+            good = ok & np.isfinite(v) & (v > 0)
+            self._var_floor[d] = float(v[good].min()) if good.any() else np.nan
+        var, _ = cubic_sample(self.variances[d], rc[:, 0], rc[:, 1], self.valids[d])
+        return np.where(np.isfinite(var), np.maximum(var, self._var_floor[d]), var)
 
     def gof_at(self, sol, g: dict):
         self.counters["inner_evaluations"] += 1

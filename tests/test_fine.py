@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from stages.physics.sampling import cubic_sample
 from stages import config as C
 from stages.fine import FineProblem, refine, sf_params_from_config
 from stages.load import load_pattern
@@ -154,3 +155,18 @@ def test_sf_parameters_centric_and_acentric():
     assert u[1] == pytest.approx(np.conj(u[0]))  # Friedel mate
     assert up[0] == pytest.approx(1e-3 * np.exp(1j * np.radians(40.0)))
     assert u[2] == pytest.approx(-0.02) and u[3] == pytest.approx(-0.02)  # centric 200: signed real, equivalents
+
+
+def test_sampled_variance_never_undershoots(si):
+    """Cubic convolution of a variance map with a sharp peak (Poisson sigma^2 = I of a bright line) would
+    go negative beside it; the sampled variance is floored at the map's smallest valid value."""
+    prob, _ = _small_problem(si)
+    v = np.full_like(prob.variances[1], 50.0)
+    v[:, 9] = 5.0e4  # a one-pixel-wide bright column
+    prob.variances[1] = v
+    rows, cols = np.meshgrid(np.linspace(3, 16, 40), np.linspace(7.0, 11.0, 41), indexing="ij")
+    rc = np.stack([rows.ravel(), cols.ravel()], 1)
+    raw, _ = cubic_sample(v, rc[:, 0], rc[:, 1], prob.valids[1])
+    assert np.nanmin(raw) < 0  # the kernel's negative lobes
+    got = prob._variance_at(1, rc)
+    assert np.nanmin(got) == 50.0 and np.array_equal(got[raw >= 50.0], raw[raw >= 50.0])
