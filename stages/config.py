@@ -252,9 +252,16 @@ PATH_FIX = "relative paths resolve against the config file's folder"
 class _Ctx:
     """The problems found so far and what the checkers need."""
 
-    def __init__(self, base_dir: Path):
+    def __init__(self, base_dir: Path, data_source: str | None = None):
         self.base_dir = base_dir
+        self.data_source = data_source  # [pattern] data_source: where to get the data when they are absent
         self.errors: list[QcbedInputError] = []
+
+    @property
+    def path_fix(self) -> str:
+        if self.data_source:
+            return f"the data are not where the config says; {self.data_source}"
+        return PATH_FIX
 
     def add(self, err: QcbedInputError, related: bool = False) -> None:
         """Record ``err`` unless its field already has a problem (``related``: or a field
@@ -391,7 +398,7 @@ def _file(suffixes: tuple | None = None) -> Check:
             raise QcbedInputError(f, f"must be a file name (a string), got {v!r}", "give the file name in quotes")
         p = _resolve(ctx, v)
         if not p.is_file():
-            raise QcbedInputError(f, f"file not found: {os.path.normpath(p)}", PATH_FIX)
+            raise QcbedInputError(f, f"file not found: {os.path.normpath(p)}", ctx.path_fix)
         if suffixes is not None and p.suffix.lower() not in suffixes:
             raise QcbedInputError(f, f"{v}: unknown file type {p.suffix!r}", f"use {', '.join(suffixes)}")
     return check
@@ -401,7 +408,7 @@ def _files(v, f, ctx):
     """A file name, a non-empty list of names, or a glob that matches at least one file."""
     for name, path in _file_list(v, f, ctx):
         if not path.is_file():
-            raise QcbedInputError(f, f"file not found: {os.path.normpath(path)}", PATH_FIX)
+            raise QcbedInputError(f, f"file not found: {os.path.normpath(path)}", ctx.path_fix)
 
 
 def _file_list(v, f, ctx) -> list[tuple[str, Path]]:
@@ -411,7 +418,7 @@ def _file_list(v, f, ctx) -> list[tuple[str, Path]]:
             return [(v, _resolve(ctx, v))]
         matches = sorted(m for m in glob.glob(str(_resolve(ctx, v))) if os.path.isfile(m))
         if not matches:
-            raise QcbedInputError(f, f"{v!r} matches no file in {ctx.base_dir}", PATH_FIX)
+            raise QcbedInputError(f, f"{v!r} matches no file in {ctx.base_dir}", ctx.path_fix)
         rel = not Path(v).expanduser().is_absolute()
         return [(os.path.relpath(m, ctx.base_dir) if rel else m, Path(m)) for m in matches]
     if isinstance(v, list) and v and all(isinstance(x, str) and x for x in v):
@@ -505,7 +512,7 @@ def _aux(v, f, ctx):
     for name in [v] if isinstance(v, str) else v:
         p = _resolve(ctx, name)
         if not p.is_file():
-            raise QcbedInputError(f, f"file not found: {os.path.normpath(p)}", PATH_FIX)
+            raise QcbedInputError(f, f"file not found: {os.path.normpath(p)}", ctx.path_fix)
 
 
 def _hkl_rows(v, f, ctx):
@@ -703,7 +710,8 @@ SCHEMA: dict[str, _Table] = {
     "pattern": _Table({"kind": _chk_string(("cbed", "larbed"), fix='write kind = "cbed" (one image) or "larbed" (one image per reflection)'),
                        "file": _file(), "files": _files, "hkl": _hkl_rows, "hkl_file": _file((".npy",)),
                        "hkl_from_names": _boolean, "variance": _aux, "mask": _aux, "raw": RAW_SCHEMA,
-                       "zero_is_unrecorded": _boolean, "detector": DETECTOR_SCHEMA, "deconvolution": DECONVOLUTION_SCHEMA},
+                       "zero_is_unrecorded": _boolean, "detector": DETECTOR_SCHEMA, "deconvolution": DECONVOLUTION_SCHEMA,
+                       "data_source": _chk_string()},
                       required=("kind",), rules=(_pattern_rule,),
                       fix={"kind": 'write kind = "cbed" (one image) or kind = "larbed" (one image per reflection)'}),
     "geometry": _Table({"gl_px": _chk_number(gt=0.0, fix="length of the x-axis reflection in pixels (CBED) or tilt steps (LARBED)"),
@@ -839,7 +847,9 @@ def validate_run_config(cfg: RunConfig, require: tuple[str, ...] = (), shown_as:
 
     data = cfg.data
     base_dir = cfg.base_dir
-    ctx = _Ctx(base_dir)
+    pat = data.get("pattern") if isinstance(data.get("pattern"), dict) else {}
+    source = pat.get("data_source") if isinstance(pat.get("data_source"), str) else None
+    ctx = _Ctx(base_dir, source)
     for s, t in data.items():
         if s not in SECTIONS:
             ctx.add(QcbedInputError(s, "unknown section", f"allowed: {', '.join(sorted(SECTIONS))}"))

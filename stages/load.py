@@ -39,7 +39,7 @@ FORMATS = {".npy": "npy", ".tif": "tiff", ".tiff": "tiff", ".dm3": "dm", ".dm4":
            ".img": "raw", ".raw": "raw", ".bin": "raw"}
 RAW_KEYS = ("offset", "dtype", "byte_order", "shape")
 PATTERN_KEYS = ("kind", "file", "files", "hkl", "hkl_file", "hkl_from_names", "variance", "mask",
-                "raw", "zero_is_unrecorded", "detector", "deconvolution")
+                "raw", "zero_is_unrecorded", "detector", "deconvolution", "data_source")
 DECONVOLUTION_KEYS = ("mtf", "iterations", "background", "psf", "pad")
 DEFAULT_RL_ITERATIONS = 50
 _HKL_TAIL = re.compile(r"(?:[+-]\d+)+$")
@@ -464,7 +464,8 @@ def load_pattern(section: dict, base_dir, field_prefix: str = "pattern") -> xr.D
     (binary layout, applied to the intensity files, and to variance/mask files that are not
     .npy/.tif/.dm*); zero_is_unrecorded (pixels exactly 0 are unusable); detector (noise model,
     stored in attrs); deconvolution (CBED: {mtf, iterations, background, psf, pad}, applied to
-    the usable pixels).  Relative paths resolve against ``base_dir``.
+    the usable pixels); data_source (text: where to get the files; shown when they are missing,
+    not used here).  Relative paths resolve against ``base_dir``.
     """
     p = field_prefix
     base_dir = Path(base_dir)

@@ -190,7 +190,9 @@ def make_plan(cfg: C.RunConfig, results_dir, run_dir=None) -> Plan:
     full_physics = {**crystal, "microscope": sec("microscope"), "simulation": sec("simulation")}
     load_files = {k: v for k, v in d.items() if k.startswith("pattern.")}
     keys = {}
-    keys["load"] = stage_key("load", {"pattern": sec("pattern"), "files": load_files})
+    # data_source only says where to get the files: not part of what is computed
+    pattern = {k: v for k, v in sec("pattern").items() if k != "data_source"}
+    keys["load"] = stage_key("load", {"pattern": pattern, "files": load_files})
     keys["roi"] = stage_key("roi", {**crystal, "microscope": sec("microscope"), "geometry": sec("geometry"),
                                     "roi": sec("roi"),
                                     "table": sec("simulation").get("scattering_table", "peng"), "load": keys["load"]})

@@ -250,3 +250,14 @@ def test_validate_run_config_in_memory_and_required_sections(run_dir):
     with pytest.raises(QcbedInputErrors) as info:  # ... unless required
         validate_config(no_refine, require=("refine",))
     assert info.value.fields == ["refine"]
+
+
+def test_absent_data_say_where_to_get_them(tmp_path):
+    """A config whose data live elsewhere (the GeSn set in ../shared/data) names its source when they are absent."""
+    here = tmp_path / "a" / "b" / "c"  # ../../../shared is then tmp_path/shared: absent
+    here.mkdir(parents=True)
+    (here / "gesn.toml").write_text((DATA / "gesn_lacbed" / "gesn.toml").read_text())
+    (here / "config.toml").write_text((DATA / "gesn_lacbed" / "config.toml").read_text())
+    err = _errors(here / "config.toml")
+    assert err.fields == ["pattern.files"]
+    assert "Felix-python" in str(err) and "shared/data/gesn-lacbed" in str(err)
