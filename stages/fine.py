@@ -36,7 +36,7 @@ from scipy.optimize import minimize
 from .errors import QcbedInputError
 from .physics.gof import BaseGOF
 from .physics.pattern_geometry import PatternGeometry
-from .physics.sampling import convolve_valid, cubic_sample, voigt_kernel
+from .physics.sampling import convolve_valid, cubic_sample, cubic_sample_stack, voigt_kernel
 from .physics.structure_factors import centric_phase
 from .simulate import ForwardModel
 
@@ -231,6 +231,8 @@ class FineProblem:
         self._names = self._geometry_names()
         self.beam_cache: dict = {}
         self._var_floor: dict = {}
+        self._stacks: dict = {}
+        self._sim_memo: tuple = (None, {})  # (solution, {(thickness, psf sigma, gamma): simulated})
 
     # ---------------------------------------------------------------- geometry vector
     def _geometry_names(self) -> list[str]:
@@ -267,6 +269,13 @@ class FineProblem:
             g[f"disk_shift_col[{key}]"] = dc
         return g
 
+    def set_start(self, g: dict) -> None:
+        """Start every later inner search from geometry ``g`` (thickness, gl, rotation, shift, PSF; the
+        thickness scan and the search box move with it)."""
+        self.pg0 = self._pg(g)
+        self.thickness0 = float(g["thickness"])
+        self.psf0 = (float(g["psf_sigma"]), float(g["psf_gamma"]))
+
     def _step(self, name: str) -> float:
         if name.startswith("disk_shift"):
             return _STEP["disk_shift"]
@@ -295,11 +304,24 @@ class FineProblem:
         return sol
 
     def simulated(self, sol, g: dict) -> np.ndarray:
-        """Simulated intensities (nd, n_inner) at thickness g, with the PSF if any."""
+        """Simulated intensities (nd, n_inner) at thickness g, with the PSF if any.
+
+        Memoised per solution on (thickness, PSF): the inner search moves one parameter at a time and
+        most of its steps change only the experimental sampling (gl, rotation, shifts)."""
+        key = (float(g["thickness"]), float(g.get("psf_sigma", 0.0)), float(g.get("psf_gamma", 0.0)))
+        owner, memo = self._sim_memo
+        if owner is not sol:
+            memo = {}
+            self._sim_memo = (sol, memo)
+        hit = memo.get(key)
+        if hit is not None:
+            return hit
         inten = sol.intensities([g["thickness"]])[:, 0, :].T  # (nd, npt)
-        if not self.use_psf:
-            return inten[:, self.inner_mask]
-        return self._psf(inten, g)
+        out = inten[:, self.inner_mask] if not self.use_psf else self._psf(inten, g)
+        if len(memo) >= 32:
+            memo.pop(next(iter(memo)))
+        memo[key] = out
+        return out
 
     def experimental(self, g: dict):
         """Experimental intensity, variance and usability (nd, n_inner) at geometry g."""
@@ -319,21 +341,31 @@ class FineProblem:
         ok = np.zeros((nd, n), bool)
         for d, h in enumerate(self.disks):
             rc = pg.display_to_pixel(xy, h)
-            exp[d], ok[d] = cubic_sample(self.images[d], rc[:, 0], rc[:, 1], self.valids[d])
-            if has_var:
-                var[d] = self._variance_at(d, rc)
+            if has_var:  # intensity and variance share the interpolation weights
+                (exp[d], v), ok[d] = cubic_sample_stack(self._stack(d), rc[:, 0], rc[:, 1], self.valids[d])
+                var[d] = self._floored(d, v)
+            else:
+                exp[d], ok[d] = cubic_sample(self.images[d], rc[:, 0], rc[:, 1], self.valids[d])
         return exp, var, ok & self.included
+
+    def _stack(self, d: int) -> np.ndarray:
+        if d not in self._stacks:
+            self._stacks[d] = np.stack([np.asarray(self.images[d], float), np.asarray(self.variances[d], float)])
+        return self._stacks[d]
 
     def _variance_at(self, d: int, rc) -> np.ndarray:
         """The variance map of disk d sampled at pixels rc like the intensity (cubic convolution), floored
         at the map's smallest valid value: the interpolation kernel's negative lobes undershoot next to
         a sharp peak (Poisson sigma^2 = I of a bright line), and a variance never falls below the
         smallest one of the pixels it is interpolated from."""
+        var, _ = cubic_sample(self.variances[d], rc[:, 0], rc[:, 1], self.valids[d])
+        return self._floored(d, var)
+
+    def _floored(self, d: int, var: np.ndarray) -> np.ndarray:
         if d not in self._var_floor:
             v, ok = self.variances[d], self.valids[d]
             good = ok & np.isfinite(v) & (v > 0)
             self._var_floor[d] = float(v[good].min()) if good.any() else np.nan
-        var, _ = cubic_sample(self.variances[d], rc[:, 0], rc[:, 1], self.valids[d])
         return np.where(np.isfinite(var), np.maximum(var, self._var_floor[d]), var)
 
     def gof_at(self, sol, g: dict):
@@ -530,6 +562,7 @@ def refine(problem: FineProblem, max_iterations: int = 200, xatol: float = 1e-4,
         if not start and np.asarray(u, float).tobytes() == key0:
             exp, sim, used = _fit_arrays(problem, sol, g, fit)
             start["zncc"] = zncc_per_disk(exp, sim, used)
+            start["g"] = dict(g)
         return val, g, fit
 
     def objective(u):
@@ -541,10 +574,14 @@ def refine(problem: FineProblem, max_iterations: int = 200, xatol: float = 1e-4,
     if start_simplex is not None and start_fsim is not None:
         for u, f in zip(np.asarray(start_simplex, float), np.asarray(start_fsim, float)):
             memo[np.asarray(u, float).tobytes()] = (float(f), None, None)
+    problem.initial_geometry = problem.geometry_start()
     if gof_start is None:
         gof_start = objective(u0)
     if not start:  # resumed (the start is not re-evaluated by the objective): its evaluation, once
         evaluate(u0)
+    # every later inner search starts from the geometry found at the start point (a fixed, deterministic
+    # start: the objective stays independent of history, and the searches start near their optimum)
+    problem.set_start(start["g"])
     if on_start is not None:
         on_start(float(gof_start))
     if start_simplex is not None:

@@ -617,7 +617,7 @@ def fine_dataset(problem, res, trace: dict | None, resumed_from=None) -> xr.Data
 
     names = list(res.names)
     start_sf = [p.x0 for p in problem.sf]
-    g0 = problem.geometry_start()
+    g0 = getattr(problem, "initial_geometry", None) or problem.geometry_start()
     start = np.array(start_sf + [g0[n] for n in problem.geometry_names], float)
     kind = ["structure_factor"] * len(problem.sf) + ["geometry"] * len(problem.geometry_names)
     units = ["Å^-2" if not p.component.endswith("phase") else "deg" for p in problem.sf]

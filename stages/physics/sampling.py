@@ -29,7 +29,19 @@ def cubic_sample(image: np.ndarray, rows, cols, valid: np.ndarray | None = None)
     Returns (values, ok): ``ok`` is False where the 4x4 support leaves the image or touches a pixel
     that is not valid (``valid`` False or non-finite); there ``values`` is NaN.
     """
-    img = np.asarray(image, float)
+    vals, ok = cubic_sample_stack(np.asarray(image, float)[None], rows, cols, valid)
+    return vals[0], ok
+
+
+def cubic_sample_stack(images: np.ndarray, rows, cols, valid: np.ndarray | None = None):
+    """:func:`cubic_sample` of k images of one shape (k, H, W) at the same points, sharing the weights.
+
+    Returns (values (k, *shape), ok (*shape)): ``ok`` needs the 4x4 support valid (``valid`` True)
+    and finite in the first image; the other images' values are NaN where ``ok`` is False and
+    non-finite where their own support is.
+    """
+    stack = np.asarray(images, float)
+    img = stack[0]
     r = np.asarray(rows, float)
     c = np.asarray(cols, float)
     shape = r.shape
@@ -44,14 +56,17 @@ def cubic_sample(image: np.ndarray, rows, cols, valid: np.ndarray | None = None)
     wr = _keys_weights(np.where(inside, r - r0, 0.0))
     wc = _keys_weights(np.where(inside, c - c0, 0.0))
     off = np.arange(-1, 3)
-    ri = r0c[:, None] + off[None, :]  # (n, 4)
-    ci = c0c[:, None] + off[None, :]
-    patch = img[ri[:, :, None], ci[:, None, :]]  # (n, 4, 4)
-    ok = inside & good[ri[:, :, None], ci[:, None, :]].all(axis=(1, 2))
-    patch = np.where(np.isfinite(patch), patch, 0.0)
-    vals = np.einsum("ni,nij,nj->n", wr, patch, wc)
-    vals = np.where(ok, vals, np.nan)
-    return vals.reshape(shape), ok.reshape(shape)
+    # flat indices of the 4x4 supports (n, 16): one gather per image
+    idx = ((r0c[:, None] + off)[:, :, None] * W + (c0c[:, None] + off)[:, None, :]).reshape(len(r), 16)
+    ok = inside & good.ravel()[idx].all(axis=1)
+    w16 = (wr[:, :, None] * wc[:, None, :]).reshape(len(r), 16)
+    out = np.empty((len(stack), len(r)))
+    for k, im in enumerate(stack):
+        patch = im.ravel()[idx]  # (n, 16)
+        if k == 0:
+            patch = np.where(np.isfinite(patch), patch, 0.0)
+        out[k] = np.where(ok, np.einsum("nk,nk->n", w16, patch), np.nan)
+    return out.reshape((len(stack),) + shape), ok.reshape(shape)
 
 
 def voigt_kernel(sigma_px: float, gamma_px: float, radius_px: int | None = None) -> np.ndarray:
