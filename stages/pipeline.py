@@ -163,6 +163,7 @@ class Plan:
     run_dir: Path
     keys: dict
     digests: dict
+    trace_key: str | None = None  # key of fine_trace.zarr: the fine key without refine.max_iterations
 
     @property
     def stages(self) -> list[str]:
@@ -206,11 +207,16 @@ def make_plan(cfg: C.RunConfig, results_dir, run_dir=None) -> Plan:
                   "load": keys["load"], "roi": keys["roi"], "variance": keys["variance"]}
     if "coarse" in keys:
         fine_parts["coarse"] = keys["coarse"]
+    trace_key = None
     if sec("refine"):
         keys["fine"] = stage_key("fine", fine_parts)
+        # the checkpoints do not depend on the iteration budget (each outer iteration is the same step
+        # whatever the limit): a run given more (or fewer) iterations continues from them
+        budgetless = {**fine_parts, "refine": {k: v for k, v in sec("refine").items() if k != "max_iterations"}}
+        trace_key = stage_key("fine-trace", budgetless)
         keys["report"] = stage_key("report", {"fine": keys["fine"], "iam": keys["iam"], "coarse": keys.get("coarse")})
     run_dir = Path(results_dir) / run_name(cfg) if run_dir is None else Path(run_dir)
-    return Plan(cfg=cfg, run_dir=run_dir, keys=keys, digests=d)
+    return Plan(cfg=cfg, run_dir=run_dir, keys=keys, digests=d, trace_key=trace_key)
 
 
 # ------------------------------------------------------------------------------ store keys
@@ -566,7 +572,7 @@ def run_fine(plan: Plan, say=_say) -> dict:
     from .fine import refine
 
     cfg = plan.cfg
-    key = plan.keys["fine"]
+    key = plan.trace_key or plan.keys["fine"]
     problem = fine_problem(plan)
     r = cfg.section("refine")
     trace = TraceStore(plan.run_dir / TRACE)

@@ -108,7 +108,7 @@ def test_checkpoint_resume_is_exact(small, tmp_path):
     with pytest.raises(Stop):
         P.run_stage(part, "fine", say=say)
     assert not part.store("fine").exists()
-    tr = P.TraceStore(part.run_dir / P.TRACE).open(part.keys["fine"])
+    tr = P.TraceStore(part.run_dir / P.TRACE).open(part.trace_key)
     assert tr["iteration"].tolist() == [1, 2]
     lines.clear()
     assert P.run_stage(part, "fine", say=lines.append) == "resumed"
@@ -122,6 +122,35 @@ def test_checkpoint_resume_is_exact(small, tmp_path):
     np.testing.assert_array_equal(a.zncc_start.values, b.zncc_start.values)
     np.testing.assert_array_equal(a.zncc.values, b.zncc.values)
     assert b.attrs["resumed_from_iteration"] == 2
+
+
+def test_more_iterations_continue_from_the_checkpoints(small, tmp_path):
+    """A finished run given a larger refine.max_iterations recomputes the fine stage from its last
+    checkpoint (the trace key leaves the budget out) and reaches what a run with that budget from the
+    start reaches."""
+    text = small.read_text()
+    assert "max_iterations = 3" in text
+    one = tmp_path / "one.toml"
+    one.write_text(text.replace("max_iterations = 3", "max_iterations = 2"))
+    for f in small.parent.iterdir():
+        if f.name != small.name and f.is_file() and not (tmp_path / f.name).exists():
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    run = tmp_path / "res" / "run"
+    short = P.make_plan(C.load_config(one), tmp_path / "res", run_dir=run)
+    P.run_all(short, say=_quiet)
+    longer_cfg = tmp_path / "two.toml"
+    longer_cfg.write_text(text)
+    longer = P.make_plan(C.load_config(longer_cfg), tmp_path / "res", run_dir=run)
+    assert longer.trace_key == short.trace_key and longer.keys["fine"] != short.keys["fine"]
+    lines = []
+    P.run_all(longer, say=lines.append)
+    assert any("resuming after iteration 2" in m for m in lines)
+    full = P.make_plan(C.load_config(small), tmp_path / "full")
+    P.run_all(full, say=_quiet)
+    a = xr.open_zarr(full.store("fine"), consolidated=False)
+    b = xr.open_zarr(longer.store("fine"), consolidated=False)
+    np.testing.assert_array_equal(a.value.values, b.value.values)
+    np.testing.assert_array_equal(a.trace_gof.values, b.trace_gof.values)
 
 
 def test_torn_trace_rows_are_dropped(tmp_path):
