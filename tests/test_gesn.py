@@ -43,7 +43,7 @@ def run(tmp_path_factory):
     # the smaller field: +-40 tilt steps on the same 2-step grid
     text = text.replace("corners = [[-56.0, -56.0], [56.0, -56.0], [-56.0, 56.0]], samples = [57, 57]",
                         "corners = [[-40.0, -40.0], [40.0, -40.0], [-40.0, 40.0]], samples = [41, 41]")
-    text = text.replace("box_px = 56.0", "box_px = 40.0").replace("max_iterations = 24", "max_iterations = 4")
+    text = text.replace("box_px = 56.0", "box_px = 40.0").replace("max_iterations = 12", "max_iterations = 4")
     text = text.replace('file = "gesn.toml"', f'file = "{DATA / "gesn_lacbed" / "gesn.toml"}"')
     text = text.replace(f'files = "{cfg["pattern"]["files"]}"', f'files = "{GESN}/GeSn_*.dm3"')
     assert "samples = [41, 41]" in text and "max_iterations = 4" in text and str(GESN) in text
