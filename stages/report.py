@@ -25,8 +25,8 @@ Derived quantities of a refined reflection (one table row per reflection; U_g re
 * V_g = h² U_g / (2 m e) [V] and the X-ray F_g via Mott-Bethe [electrons per cell] are linear in
   U_g at fixed hkl, so their standard errors are |dV/dU| σ_U and |dF/dU| σ_U (for acentric
   reflections the phase error enters as |dF/dU| |U| σ_φ, added in quadrature);
-* U'_g: refined, else the run's absorption model (proportional: U'_g = f U_g of the refined U_g,
-  as the forward model used it);
+* U'_g: refined, else the run's absorption model as the forward model used it (proportional:
+  U'_g = f U_g of the refined U_g; Bird & King: the model's value, which does not depend on U_g);
 * X-ray F is reported in the crystallographic convention exp(+2πi h·x), the complex conjugate of
   this project's electron convention (:mod:`stages.physics.structure_factors`); for a
   centrosymmetric crystal with the origin at the centre the two are equal (real).
@@ -676,8 +676,22 @@ SF_NOTES = [
     "F_x in the crystallographic convention exp(+2πi h·x) (complex conjugate of the electron convention of "
     "structure_factors.zarr). ΔF_x = F_x − F_x(IAM) (along the centric phase).",
     "σ: " + SIGMA_DEFINITION + ". V_g and F_x are linear in U_g at fixed hkl: σ propagated linearly.",
-    "U′_g not refined: from the run's absorption model (proportional: U′ = f × refined U_g, as the simulation used it).",
+    "U′_g not refined: from the run's absorption model, as the simulation used it.",
 ]
+
+_UPRIME_NOTES = {
+    "proportional": "U′_g not refined: proportional absorption, U′ = f × the refined U_g (as the simulation used it).",
+    "bird_king": "U′_g not refined: thermal diffuse scattering absorption (Bird & King 1990) from the IAM atoms and "
+                 "their B, independent of the refined U_g (as the simulation used it).",
+    "none": "U′_g = 0: the run has no absorption model.",
+}
+
+
+def sf_notes(absorption_model: str | None) -> list[str]:
+    """The notes under the structure-factor tables; the U′_g line names the run's absorption model
+    (the ``absorption_model`` attribute of structure_factors.zarr, e.g. 'bird_king: ...')."""
+    kind = (absorption_model or "").split(":")[0].strip()
+    return SF_NOTES[:-1] + [_UPRIME_NOTES.get(kind, SF_NOTES[-1])]
 
 
 def _sections(s: dict) -> list[tuple[str, str, object]]:
@@ -706,7 +720,7 @@ def _sections(s: dict) -> list[tuple[str, str, object]]:
         blocks.append(("table", "", (hx, rx)))
     else:
         blocks.append(("p", "", "No structure factor was refined (or structure_factors.zarr is missing)."))
-    blocks.append(("notes", "", SF_NOTES))
+    blocks.append(("notes", "", sf_notes(s["reproducibility"].get("absorption_model"))))
     blocks.append(("h3", "Correlation matrix", None))
     blocks.append(("table", "corr", _corr_table(s)))
     blocks.append(("h2", "Fit", None))

@@ -153,6 +153,8 @@ def test_numbers_match_the_stores(runs):
             assert r["U_change_percent"] is None
         # proportional absorption of the refined U, as the forward model used it
         assert r["Uprime"] == pytest.approx(0.02 * r["U"], rel=1e-12) and r["Uprime_source"].startswith("proportional")
+    # the note under the tables names the run's model
+    assert "proportional absorption, U′ = f × the refined U_g" in (rep / "report.md").read_text()
 
     # structure_factors.csv: the same numbers, full precision
     with open(rep / "structure_factors.csv") as fh:
@@ -310,6 +312,16 @@ def test_compare_two_runs(runs, tmp_path, capsys):
         rows = {r["parameter"]: r for r in csv.DictReader(fh)}
     assert float(rows["U(1 -1 -1)"]["seed2"]) == va and float(rows["U(1 -1 -1)"]["mean"]) == p["mean"]
     assert R.default_compare_dir([a, b]) == a.parent / "compare-seed2-seed3"
+
+
+def test_uprime_note_follows_the_absorption_model():
+    """The U′_g note under the structure-factor tables names the model the simulation used: Bird & King's
+    U′_g does not follow the refined U_g (unlike proportional absorption)."""
+    bk = R.sf_notes("bird_king: thermal diffuse scattering absorption (Bird & King, Acta Cryst. A46 (1990) 202)")
+    assert bk[:-1] == R.SF_NOTES[:-1] and "Bird & King" in bk[-1] and "independent of the refined U_g" in bk[-1]
+    assert "U′ = f × the refined U_g" in R.sf_notes("proportional: U'_g = 0.02 U_g")[-1]
+    assert R.sf_notes("none: U'_g = 0")[-1].startswith("U′_g = 0")
+    assert R.sf_notes(None) == R.SF_NOTES  # an older store without the attribute: the general note
 
 
 def test_fmt():
