@@ -469,6 +469,17 @@ class FineProblem:
         steps = np.asarray(steps)
         return np.array(lo) / steps, np.array(hi) / steps
 
+    def search_ranges(self) -> tuple[np.ndarray, np.ndarray]:
+        """Lower and upper ends of every refined parameter's search range, in physical units and in the
+        order ``[p.label for p in sf] + geometry_names``: the structure factors' [lo, hi] (the outer
+        search's bounds) and the inner search box around the current start geometry (:meth:`_bounds`).
+        A value at an end means that the optimum may lie outside the range."""
+        g0 = self.geometry_start()
+        glo, ghi = self._bounds(g0, self._names, np.ones(len(self._names)))
+        lo = np.concatenate([[p.lo for p in self.sf], glo]).astype(float)
+        hi = np.concatenate([[p.hi for p in self.sf], ghi]).astype(float)
+        return lo, hi
+
     def _safe_reduced(self, sol, g, nf) -> float:
         """Reduced GOF; a geometry that leaves no usable point gets a large finite penalty (Powell's
         line searches cannot handle inf)."""

@@ -626,12 +626,16 @@ def fine_dataset(problem, res, trace: dict | None, resumed_from=None) -> xr.Data
     g0 = getattr(problem, "initial_geometry", None) or problem.geometry_start()
     start = np.array(start_sf + [g0[n] for n in problem.geometry_names], float)
     kind = ["structure_factor"] * len(problem.sf) + ["geometry"] * len(problem.geometry_names)
+    range_lo, range_hi = problem.search_ranges()
     units = ["Å^-2" if not p.component.endswith("phase") else "deg" for p in problem.sf]
     units += ["Å" if n == "thickness" else "deg" if n == "rotation" else "px" for n in problem.geometry_names]
     data = {
         "value": (("param",), np.asarray(res.values, float)),
         "sigma": (("param",), np.asarray(res.sigma, float), {"long_name": "standard error, scaled by max(1, reduced chi^2)"}),
         "start": (("param",), start),
+        "range_lo": (("param",), range_lo, {"long_name": "lower end of the search range (structure factors: the "
+                                                         "configured range; geometry: the inner search box)"}),
+        "range_hi": (("param",), range_hi, {"long_name": "upper end of the search range"}),
         "correlation": (("param", "param2"), np.nan_to_num(np.asarray(res.correlation, float), nan=0.0)),
         "background": (("disk",), np.broadcast_to(np.asarray(res.background, float), (len(problem.disks),)).copy(),
                        {"long_name": "fitted background per disk (one value repeated for single-background metrics)",

@@ -386,6 +386,9 @@ def summarize(run_dir) -> dict:
         row = {"name": name, "kind": str(fine.kind.values[i]), "units": str(fine.units.values[i]),
                "value": float(fine.value.values[i]), "sigma": float(fine.sigma.values[i]),
                "start": float(fine.start.values[i])}
+        if "range_lo" in fine:  # stores of qcbed >= 0.3.1
+            row["range"] = [float(fine.range_lo.values[i]), float(fine.range_hi.values[i])]
+            row["at_range_end"] = range_end(row["value"], *row["range"])
         lab = parse_label(name)
         if lab is not None:
             comp, hkl = lab
@@ -442,6 +445,23 @@ def summarize(run_dir) -> dict:
     return out
 
 
+#: a refined value closer than this fraction of its search range's width to an end is "at the end"
+RANGE_END_FRACTION = 0.02
+
+
+def range_end(value: float, lo: float, hi: float, fraction: float = RANGE_END_FRACTION) -> str | None:
+    """'lower' or 'upper' when ``value`` lies within ``fraction`` of the width of [lo, hi] from that end
+    (the optimum may then lie outside the searched range), else None."""
+    w = hi - lo
+    if not (math.isfinite(value) and math.isfinite(w) and w > 0):
+        return None
+    if value - lo <= fraction * w:
+        return "lower"
+    if hi - value <= fraction * w:
+        return "upper"
+    return None
+
+
 def _warnings(s: dict) -> list[str]:
     w = []
     if not s["converged"]:
@@ -456,6 +476,14 @@ def _warnings(s: dict) -> list[str]:
     for p in s["parameters"]:
         if not (math.isfinite(p["sigma"]) and p["sigma"] > 0):
             w.append(f"{p['name']}: no standard error (the fit does not constrain it).")
+    for p in s["parameters"]:
+        end = p.get("at_range_end")
+        if end:
+            lo, hi = p["range"]
+            fix = ("widen the reflection's range_percent or U_range/Uprime_range in refine.reflections"
+                   if p["kind"] == "structure_factor" else "start it closer (geometry or coarse stage)")
+            w.append(f"{p['name']} = {fmt(p['value'])} ended at the {end} end of its search range "
+                     f"[{fmt(lo)}, {fmt(hi)}]: the optimum may lie outside it ({fix}).")
     co = s.get("coarse")
     if co and (co["at_edge"] or co["at_bound"]):
         w.append("The coarse search ended at the edge of its range (thickness bracket or orientation window): widen it.")
@@ -550,16 +578,23 @@ def _sf_tables(s: dict) -> list[tuple[list[str], list[list[Cell]]]]:
 
 
 def _param_table(s: dict) -> tuple[list[str], list[list[Cell]]]:
-    head = ["parameter", "units", "start", "refined ± σ", "IAM", "change from IAM"]
+    has_range = any("range" in p for p in s["parameters"])
+    head = ["parameter", "units", "start", "refined ± σ", "IAM", "change from IAM"] + (["search range"] if has_range else [])
     rows = []
     for p in s["parameters"]:
         k = f"param/{p['name']}"
         ch = p.get("change_percent")
-        rows.append([Cell(p["name"]), Cell(_unit(p["units"])), N(p["start"], key=f"{k}/start"),
-                     Cell(fmt(p["value"], p["sigma"]), value=p["value"], sigma=p["sigma"], key=f"{k}/value", cls="num"),
-                     N(p.get("iam"), key=f"{k}/iam") if "iam" in p else Cell(""),
-                     Cell("" if "iam" not in p else ("zero in the IAM" if ch is None else f"{ch:+.3f} %"),
-                          value=ch, key=None if ch is None else f"{k}/change_percent", cls="num")])
+        row = [Cell(p["name"]), Cell(_unit(p["units"])), N(p["start"], key=f"{k}/start"),
+               Cell(fmt(p["value"], p["sigma"]), value=p["value"], sigma=p["sigma"], key=f"{k}/value", cls="num"),
+               N(p.get("iam"), key=f"{k}/iam") if "iam" in p else Cell(""),
+               Cell("" if "iam" not in p else ("zero in the IAM" if ch is None else f"{ch:+.3f} %"),
+                    value=ch, key=None if ch is None else f"{k}/change_percent", cls="num")]
+        if has_range:
+            r = p.get("range")
+            end = p.get("at_range_end")
+            row.append(Cell("" if r is None else f"[{fmt(r[0])}, {fmt(r[1])}]" + (f" (at the {end} end)" if end else ""),
+                            cls="num" + (" hi" if end else "")))
+        rows.append(row)
     return head, rows
 
 

@@ -109,6 +109,15 @@ def test_numbers_match_the_stores(runs):
     assert [p["name"] for p in s["parameters"]] == names
     for i, p in enumerate(s["parameters"]):
         assert p["value"] == float(fine.value[i]) and p["sigma"] == float(fine.sigma[i]) and p["start"] == float(fine.start[i])
+        assert p["range"] == [float(fine.range_lo[i]), float(fine.range_hi[i])]
+    # the search ranges: U(1-1-1) the configured IAM +-5 %, U(2-2-2) its U_range, the thickness the inner box
+    # (+-30 % of the start geometry's), the shift +-15 px around it
+    rng = {p["name"]: p["range"] for p in s["parameters"]}
+    u0 = float(fine.start.sel(param="U(1 -1 -1)"))
+    assert rng["U(1 -1 -1)"] == pytest.approx([u0 - 0.05 * abs(u0), u0 + 0.05 * abs(u0)], rel=1e-12)
+    assert rng["U(2 -2 -2)"] == pytest.approx([-2.0e-3, 0.0], abs=1e-15)
+    assert rng["thickness"][0] < float(fine.value.sel(param="thickness")) < rng["thickness"][1]
+    assert rng["shift_row"][1] - rng["shift_row"][0] == pytest.approx(30.0)
     assert s["correlation"]["matrix"] == fine.correlation.values.tolist()
     for k in ("gof", "gof_start", "scale", "n_points", "dof"):
         assert s[k] == fine.attrs[k], k
@@ -322,6 +331,23 @@ def test_uprime_note_follows_the_absorption_model():
     assert "U′ = f × the refined U_g" in R.sf_notes("proportional: U'_g = 0.02 U_g")[-1]
     assert R.sf_notes("none: U'_g = 0")[-1].startswith("U′_g = 0")
     assert R.sf_notes(None) == R.SF_NOTES  # an older store without the attribute: the general note
+
+
+def test_range_end_warning():
+    """A refined value within 2 % of its search range's width from an end is flagged, and the report's
+    check list names the parameter, the end, the range and the fix."""
+    assert R.range_end(0.0645, 0.0644, 0.0712) == "lower" and R.range_end(0.0711, 0.0644, 0.0712) == "upper"
+    assert R.range_end(0.0650, 0.0644, 0.0712) is None  # 9 % of the width from the lower end
+    assert R.range_end(1.0, 1.0, 1.0) is None and R.range_end(float("nan"), 0.0, 1.0) is None
+    s = {"converged": True, "gof_name": "Chi2_LARBED", "gof": 1.0, "correlation": {"high": []}, "iterations": 3,
+         "parameters": [{"name": "U(1 1 1)", "kind": "structure_factor", "value": 0.0645, "sigma": 1e-5,
+                         "range": [0.0644, 0.0712], "at_range_end": "lower"},
+                        {"name": "thickness", "kind": "geometry", "value": 1300.0, "sigma": 0.2,
+                         "range": [900.0, 1700.0], "at_range_end": None},
+                        {"name": "gl", "kind": "geometry", "value": 20.0, "sigma": 0.001}]}  # older store: no range
+    w = R._warnings(s)
+    assert len(w) == 1 and w[0].startswith("U(1 1 1) = 0.0645 ended at the lower end of its search range")
+    assert "range_percent" in w[0]
 
 
 def test_fmt():
