@@ -525,6 +525,9 @@ class FineResult:
     #: factors with their inner geometry optimum); :data:`ZNCC_DEFINITION`
     zncc: np.ndarray = field(default_factory=lambda: np.zeros(0))
     zncc_start: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    #: per parameter: the Gauss-Newton step -(J^T J)^-1 J^T r from the reported point (the linearised
+    #: distance to the least-squares optimum); small against sigma when the search has converged
+    gauss_newton_step: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     @property
     def zncc_mean(self) -> float:
@@ -630,7 +633,7 @@ def refine(problem: FineProblem, max_iterations: int = 200, xatol: float = 1e-4,
     exp_best, sim_best, used_best = _fit_arrays(problem, sol, g_best, fit)
     fit_arrays = {"exp": exp_best, "sim": sim_best, "model": np.asarray(fit.model, float),
                   "residual": np.asarray(fit.residual, float), "used": used_best}
-    sigma, corr = _uncertainties(problem, values_sf, g_best, sol, fit)
+    sigma, corr, step = _uncertainties(problem, values_sf, g_best, sol, fit)
     counters = dict(problem.counters)
     counters.update({"outer_evaluations": len(memo), "outer_iterations": it, "outer_s": t_outer,
                      "total_s": time.perf_counter() - t_start})
@@ -639,7 +642,7 @@ def refine(problem: FineProblem, max_iterations: int = 200, xatol: float = 1e-4,
                       gof_start=float(gof_start), scale=float(fit.scale), background=np.asarray(fit.background),
                       geometry=g_best, trace=trace, counters=counters, n_points=int(fit.n_points), dof=dof,
                       converged=converged, fit=fit_arrays, zncc=zncc_per_disk(exp_best, sim_best, used_best),
-                      zncc_start=np.asarray(start["zncc"], float))
+                      zncc_start=np.asarray(start["zncc"], float), gauss_newton_step=step)
 
 
 def _fit_arrays(problem: FineProblem, sol, g: dict, fit):
@@ -652,7 +655,10 @@ def _fit_arrays(problem: FineProblem, sol, g: dict, fit):
 
 
 def _uncertainties(problem: FineProblem, values_sf, g, sol, fit):
-    """Standard errors and correlations from the Jacobian of the profiled weighted residuals."""
+    """Standard errors, correlations and the Gauss-Newton step, from the Jacobian J of the profiled
+    weighted residuals r at the reported point: cov = (J^T J)^-1 max(1, reduced chi^2) and
+    step = -(J^T J)^-1 J^T r (all parameters jointly, linearised: where the least-squares optimum lies
+    from here; a step of several sigma means the search stopped short of it)."""
     names_g = problem.geometry_names
     used = np.isfinite(fit.model) if fit.model is not None else None
     r0 = fit.residual[used] if used is not None else fit.residual.ravel()
@@ -673,19 +679,22 @@ def _uncertainties(problem: FineProblem, values_sf, g, sol, fit):
         cols.append(_resid(f2, used, r0) / h)
     n = len(cols)
     if n == 0:
-        return np.zeros(0), np.zeros((0, 0))
+        return np.zeros(0), np.zeros((0, 0)), np.zeros(0)
     J = np.stack(cols, axis=1)
     # scaled by the reduced chi^2 when it exceeds 1 (model or noise underestimated), never scaled
     # down: interpolated samples average pixel noise, so chi^2 < 1 does not mean smaller errors
     red = max(1.0, float(problem.gof.reduced(fit, nf)))
+    r = np.where(np.isfinite(r0), r0, 0.0)
     try:
-        cov = np.linalg.pinv(J.T @ J) * red
+        inv = np.linalg.pinv(J.T @ J)
     except np.linalg.LinAlgError:
-        return np.full(n, np.nan), np.full((n, n), np.nan)
+        return np.full(n, np.nan), np.full((n, n), np.nan), np.full(n, np.nan)
+    cov = inv * red
+    step = -inv @ (J.T @ r)
     sig = np.sqrt(np.clip(np.diag(cov), 0, None))
     with np.errstate(invalid="ignore", divide="ignore"):
         corr = cov / np.outer(sig, sig)
-    return sig, corr
+    return sig, corr, step
 
 
 def _resid(fit2, used, r0):

@@ -627,6 +627,9 @@ def fine_dataset(problem, res, trace: dict | None, resumed_from=None) -> xr.Data
     start = np.array(start_sf + [g0[n] for n in problem.geometry_names], float)
     kind = ["structure_factor"] * len(problem.sf) + ["geometry"] * len(problem.geometry_names)
     range_lo, range_hi = problem.search_ranges()
+    gn_step = np.asarray(getattr(res, "gauss_newton_step", ()), float)
+    if gn_step.shape != (len(names),):
+        gn_step = np.full(len(names), np.nan)
     units = ["Å^-2" if not p.component.endswith("phase") else "deg" for p in problem.sf]
     units += ["Å" if n == "thickness" else "deg" if n == "rotation" else "px" for n in problem.geometry_names]
     data = {
@@ -636,6 +639,8 @@ def fine_dataset(problem, res, trace: dict | None, resumed_from=None) -> xr.Data
         "range_lo": (("param",), range_lo, {"long_name": "lower end of the search range (structure factors: the "
                                                          "configured range; geometry: the inner search box)"}),
         "range_hi": (("param",), range_hi, {"long_name": "upper end of the search range"}),
+        "gauss_newton_step": (("param",), gn_step, {"long_name": "Gauss-Newton step -(J^T J)^-1 J^T r from the "
+                                                             "refined point (linearised distance to the optimum)"}),
         "correlation": (("param", "param2"), np.nan_to_num(np.asarray(res.correlation, float), nan=0.0)),
         "background": (("disk",), np.broadcast_to(np.asarray(res.background, float), (len(problem.disks),)).copy(),
                        {"long_name": "fitted background per disk (one value repeated for single-background metrics)",

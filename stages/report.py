@@ -389,6 +389,9 @@ def summarize(run_dir) -> dict:
         if "range_lo" in fine:  # stores of qcbed >= 0.3.1
             row["range"] = [float(fine.range_lo.values[i]), float(fine.range_hi.values[i])]
             row["at_range_end"] = range_end(row["value"], *row["range"])
+        if "gauss_newton_step" in fine:
+            step = float(fine.gauss_newton_step.values[i])
+            row["gauss_newton_step"] = step if math.isfinite(step) else None
         lab = parse_label(name)
         if lab is not None:
             comp, hkl = lab
@@ -445,6 +448,9 @@ def summarize(run_dir) -> dict:
     return out
 
 
+#: a Gauss-Newton step from the reported point larger than this many sigma is reported
+GAUSS_NEWTON_SIGMAS = 2.0
+
 #: a refined value closer than this fraction of its search range's width to an end is "at the end"
 RANGE_END_FRACTION = 0.02
 
@@ -476,6 +482,15 @@ def _warnings(s: dict) -> list[str]:
     for p in s["parameters"]:
         if not (math.isfinite(p["sigma"]) and p["sigma"] > 0):
             w.append(f"{p['name']}: no standard error (the fit does not constrain it).")
+    far = [p for p in s["parameters"] if p.get("gauss_newton_step") is not None and p["sigma"] > 0
+           and abs(p["gauss_newton_step"]) > GAUSS_NEWTON_SIGMAS * p["sigma"]]
+    if far:
+        worst = sorted(far, key=lambda p: -abs(p["gauss_newton_step"]) / p["sigma"])[:3]
+        w.append("The optimum lies further from the reported values than their errors: the Gauss-Newton step from "
+                 "the reported point predicts " + ", ".join(
+                     f"{p['name']} {fmt(p['value'])} → {fmt(p['value'] + p['gauss_newton_step'])} "
+                     f"({abs(p['gauss_newton_step']) / p['sigma']:.3g} σ)" for p in worst)
+                 + " (raise refine.max_iterations; the run continues from its checkpoints).")
     for p in s["parameters"]:
         end = p.get("at_range_end")
         if end:
@@ -579,7 +594,9 @@ def _sf_tables(s: dict) -> list[tuple[list[str], list[list[Cell]]]]:
 
 def _param_table(s: dict) -> tuple[list[str], list[list[Cell]]]:
     has_range = any("range" in p for p in s["parameters"])
-    head = ["parameter", "units", "start", "refined ± σ", "IAM", "change from IAM"] + (["search range"] if has_range else [])
+    has_step = any(p.get("gauss_newton_step") is not None for p in s["parameters"])
+    head = (["parameter", "units", "start", "refined ± σ", "IAM", "change from IAM"] + (["search range"] if has_range else [])
+            + (["Gauss-Newton step / σ"] if has_step else []))
     rows = []
     for p in s["parameters"]:
         k = f"param/{p['name']}"
@@ -594,6 +611,11 @@ def _param_table(s: dict) -> tuple[list[str], list[list[Cell]]]:
             end = p.get("at_range_end")
             row.append(Cell("" if r is None else f"[{fmt(r[0])}, {fmt(r[1])}]" + (f" (at the {end} end)" if end else ""),
                             cls="num" + (" hi" if end else "")))
+        if has_step:
+            st, sg = p.get("gauss_newton_step"), p["sigma"]
+            ratio = st / sg if st is not None and math.isfinite(sg) and sg > 0 else None
+            row.append(Cell("—" if ratio is None else f"{ratio:+.2f}", value=ratio,
+                            cls="num" + (" hi" if ratio is not None and abs(ratio) > GAUSS_NEWTON_SIGMAS else "")))
         rows.append(row)
     return head, rows
 

@@ -110,6 +110,7 @@ def test_numbers_match_the_stores(runs):
     for i, p in enumerate(s["parameters"]):
         assert p["value"] == float(fine.value[i]) and p["sigma"] == float(fine.sigma[i]) and p["start"] == float(fine.start[i])
         assert p["range"] == [float(fine.range_lo[i]), float(fine.range_hi[i])]
+        assert p["gauss_newton_step"] == float(fine.gauss_newton_step[i])
     # the search ranges: U(1-1-1) the configured IAM +-5 %, U(2-2-2) its U_range, the thickness the inner box
     # (+-30 % of the start geometry's), the shift +-15 px around it
     rng = {p["name"]: p["range"] for p in s["parameters"]}
@@ -348,6 +349,11 @@ def test_range_end_warning():
     w = R._warnings(s)
     assert len(w) == 1 and w[0].startswith("U(1 1 1) = 0.0645 ended at the lower end of its search range")
     assert "range_percent" in w[0]
+    # a Gauss-Newton step of 3 sigma from the reported point: the optimum is further than the errors say
+    s["parameters"][1]["gauss_newton_step"] = 0.6
+    s["parameters"][0]["gauss_newton_step"] = 1e-5  # 1 sigma: not listed
+    w = R._warnings(s)
+    assert len(w) == 2 and "thickness 1300 → 1300.6 (3 σ)" in w[0] and "U(1 1 1)" not in w[0], w
 
 
 def test_fmt():
