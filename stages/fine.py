@@ -546,7 +546,8 @@ class FineResult:
 
 def refine(problem: FineProblem, max_iterations: int = 200, xatol: float = 1e-4, fatol: float = 1e-7,
            initial_step: float = 0.1, callback=None, start_simplex=None, start_iteration: int = 0,
-           start_fsim=None, gof_start: float | None = None, on_start=None) -> FineResult:
+           start_fsim=None, gof_start: float | None = None, on_start=None, gauss_newton_steps: int = 0,
+           on_gauss_newton=None) -> FineResult:
     """Run the nested refinement; returns values, uncertainties, geometry, trace and counters.
 
     Nelder-Mead runs in chunks of one iteration so that ``callback(iteration, simplex, fsimplex, best)``
@@ -628,15 +629,23 @@ def refine(problem: FineProblem, max_iterations: int = 200, xatol: float = 1e-4,
     sol = problem.solve(problem.from_unit(u_best))
     gof_best, g_best, fit = problem.inner(sol)
     values_sf = problem.from_unit(u_best)
+    gn_info = {"steps": 0, "accepted": 0, "converged": False, "gof_before": float(gof_best), "jac": None}
+    if gauss_newton_steps > 0:
+        values_sf, g_best, sol, fit, gn_info = gauss_newton_polish(problem, values_sf, g_best, sol, fit,
+                                                                   gauss_newton_steps, on_step=on_gauss_newton)
+        gof_best = problem.gof.reduced(fit, problem.n_free())
+        converged = converged or gn_info["converged"]
     names = [p.label for p in sf] + problem.geometry_names
     values = np.concatenate([values_sf, [g_best[k] for k in problem.geometry_names]])
     exp_best, sim_best, used_best = _fit_arrays(problem, sol, g_best, fit)
     fit_arrays = {"exp": exp_best, "sim": sim_best, "model": np.asarray(fit.model, float),
                   "residual": np.asarray(fit.residual, float), "used": used_best}
-    sigma, corr, step = _uncertainties(problem, values_sf, g_best, sol, fit)
+    sigma, corr, step = _uncertainties(problem, values_sf, g_best, sol, fit, jac=gn_info.get("jac"))
     counters = dict(problem.counters)
     counters.update({"outer_evaluations": len(memo), "outer_iterations": it, "outer_s": t_outer,
-                     "total_s": time.perf_counter() - t_start})
+                     "gauss_newton_steps": gn_info["steps"], "gauss_newton_accepted": gn_info["accepted"],
+                     "gauss_newton_converged": bool(gn_info["converged"]),
+                     "gof_before_gauss_newton": gn_info["gof_before"], "total_s": time.perf_counter() - t_start})
     dof = int(fit.n_points - fit.n_linear - problem.n_free())
     return FineResult(names=names, values=values, sigma=sigma, correlation=corr, gof=float(gof_best),
                       gof_start=float(gof_start), scale=float(fit.scale), background=np.asarray(fit.background),
@@ -654,16 +663,14 @@ def _fit_arrays(problem: FineProblem, sol, g: dict, fit):
     return np.asarray(exp, float), np.asarray(sim, float), np.asarray(used, bool)
 
 
-def _uncertainties(problem: FineProblem, values_sf, g, sol, fit):
-    """Standard errors, correlations and the Gauss-Newton step, from the Jacobian J of the profiled
-    weighted residuals r at the reported point: cov = (J^T J)^-1 max(1, reduced chi^2) and
-    step = -(J^T J)^-1 J^T r (all parameters jointly, linearised: where the least-squares optimum lies
-    from here; a step of several sigma means the search stopped short of it)."""
+def _jacobian(problem: FineProblem, values_sf, g, sol, fit):
+    """(J, r): the Jacobian of the profiled weighted residuals with respect to every refined parameter
+    (structure factors by one solve each, forward differences of 1e-3 of their range; geometry at the
+    cached solution) and the residuals r at the point, both on the point's used samples."""
     names_g = problem.geometry_names
     used = np.isfinite(fit.model) if fit.model is not None else None
     r0 = fit.residual[used] if used is not None else fit.residual.ravel()
     cols = []
-    nf = problem.n_free()
     for i, p in enumerate(problem.sf):
         h = 1e-3 * (p.hi - p.lo)
         v = np.array(values_sf, float)
@@ -677,14 +684,24 @@ def _uncertainties(problem: FineProblem, values_sf, g, sol, fit):
         g2 = {**g, name: g[name] + h}
         f2 = problem.gof_at(sol, g2)
         cols.append(_resid(f2, used, r0) / h)
-    n = len(cols)
+    J = np.stack(cols, axis=1) if cols else np.zeros((len(r0), 0))
+    return J, np.where(np.isfinite(r0), r0, 0.0)
+
+
+def _uncertainties(problem: FineProblem, values_sf, g, sol, fit, jac=None):
+    """Standard errors, correlations and the Gauss-Newton step, from the Jacobian J of the profiled
+    weighted residuals r at the reported point (:func:`_jacobian`, or ``jac`` when already computed
+    there): cov = (J^T J)^-1 max(1, reduced chi^2) and step = -(J^T J)^-1 J^T r (all parameters
+    jointly, linearised: where the least-squares optimum lies from here; a step of several sigma
+    means the search stopped short of it)."""
+    J, r = _jacobian(problem, values_sf, g, sol, fit) if jac is None else jac
+    n = J.shape[1]
+    nf = problem.n_free()
     if n == 0:
         return np.zeros(0), np.zeros((0, 0)), np.zeros(0)
-    J = np.stack(cols, axis=1)
     # scaled by the reduced chi^2 when it exceeds 1 (model or noise underestimated), never scaled
     # down: interpolated samples average pixel noise, so chi^2 < 1 does not mean smaller errors
     red = max(1.0, float(problem.gof.reduced(fit, nf)))
-    r = np.where(np.isfinite(r0), r0, 0.0)
     try:
         inv = np.linalg.pinv(J.T @ J)
     except np.linalg.LinAlgError:
@@ -695,6 +712,94 @@ def _uncertainties(problem: FineProblem, values_sf, g, sol, fit):
     with np.errstate(invalid="ignore", divide="ignore"):
         corr = cov / np.outer(sig, sig)
     return sig, corr, step
+
+
+#: geometry kept physical by the Gauss-Newton polish: PSF widths >= these (tilt steps), thickness >= 1 Å
+_GN_FLOOR = {"psf_sigma": 0.05, "psf_gamma": 0.0, "thickness": 1.0}
+
+
+def _stepped(problem: FineProblem, values_sf, g: dict, d: np.ndarray):
+    """values_sf and geometry g moved by the step d (structure factors first), structure factors
+    clipped to their ranges and the geometry to :data:`_GN_FLOOR`."""
+    n = len(problem.sf)
+    lo = np.array([p.lo for p in problem.sf], float)
+    hi = np.array([p.hi for p in problem.sf], float)
+    v = np.clip(np.asarray(values_sf, float) + d[:n], lo, hi)
+    g2 = dict(g)
+    for j, name in enumerate(problem.geometry_names):
+        g2[name] = max(g[name] + float(d[n + j]), _GN_FLOOR.get(name, -np.inf))
+    return v, g2
+
+
+def gauss_newton_polish(problem: FineProblem, values_sf, g: dict, sol, fit, steps: int, on_step=None,
+                        tol_sigma: float = 0.1, lam0: float = 1e-3):
+    """Levenberg-Marquardt steps on all refined parameters jointly (structure factors and geometry),
+    from the point the outer search reports, on the same profiled weighted residuals as the
+    uncertainties.
+
+    Nelder-Mead over the structure factors with a geometry optimum inside each evaluation moves
+    slowly once it is close (many outer iterations of one eigen-solve each, along a curved valley
+    through thickness); a Gauss-Newton step uses the Jacobian (one solve per structure factor, the
+    geometry at the cached solution) and lands near the least-squares optimum when the model is
+    close to linear over the step.  Each step: J and r at the point; the damped normal equations
+    (A + lam diag A) d = -J^T r with A = J^T J; structure factors clipped to their ranges; the
+    candidate is solved once and kept when its reduced GOF is lower (lam / 10), else lam x 10 and
+    again (at most 4 tries).  Stops as converged when the undamped step is below ``tol_sigma``
+    standard errors in every parameter; stops when no try lowers the GOF (converged if that step
+    was below 1 sigma); else after ``steps`` steps.  Deterministic: a resumed run repeats it.
+
+    Returns (values_sf, g, sol, fit, info); info: steps, accepted, converged, gof_before, gof_after,
+    max_step_sigma (of the last Jacobian), jac ((J, r) at the returned point when computed there,
+    else None).  The model's potential is left at the returned values.
+    """
+    nf = problem.n_free()
+    v, sol_v, fit_v = np.asarray(values_sf, float), sol, fit
+    f0 = float(problem.gof.reduced(fit, nf))
+    info = {"steps": 0, "accepted": 0, "converged": False, "gof_before": f0, "gof_after": f0,
+            "max_step_sigma": None, "jac": None}
+    lam = lam0
+    for k in range(steps):
+        J, r = _jacobian(problem, v, g, sol_v, fit_v)
+        info["jac"] = (J, r)
+        A = J.T @ J
+        b = -(J.T @ r)
+        inv = np.linalg.pinv(A)
+        red = max(1.0, f0)
+        sig = np.sqrt(np.clip(np.diag(inv), 0, None) * red)
+        gn = inv @ b
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = float(np.nanmax(np.where(sig > 0, np.abs(gn) / sig, 0.0))) if len(sig) else 0.0
+        info["max_step_sigma"] = ratio
+        if ratio < tol_sigma:
+            info["converged"] = True
+            break
+        kept = False
+        for _ in range(4):
+            d = np.linalg.lstsq(A + lam * np.diag(np.diag(A)), b, rcond=None)[0]
+            v2, g2 = _stepped(problem, v, g, d)
+            try:
+                s2 = problem.solve(v2)
+                fit2 = problem.gof_at(s2, g2)
+                f2 = float(problem.gof.reduced(fit2, nf))
+            except QcbedInputError:
+                f2 = np.inf
+            if np.isfinite(f2) and f2 < f0:
+                v, g, sol_v, fit_v, f0 = v2, g2, s2, fit2, f2
+                lam = max(lam / 10.0, 1e-9)
+                kept = True
+                break
+            lam *= 10.0
+        info["steps"] += 1
+        if on_step is not None:
+            on_step(k + 1, f0, kept, ratio, v, g)
+        if not kept:
+            info["converged"] = ratio < 1.0
+            break
+        info["accepted"] += 1
+        info["jac"] = None  # the point moved
+    apply_sf(problem.model, problem.sf, v)  # the potential at the returned point (its solution is sol_v)
+    info["gof_after"] = f0
+    return v, g, sol_v, fit_v, info
 
 
 def _resid(fit2, used, r0):

@@ -211,8 +211,10 @@ def make_plan(cfg: C.RunConfig, results_dir, run_dir=None) -> Plan:
     if sec("refine"):
         keys["fine"] = stage_key("fine", fine_parts)
         # the checkpoints do not depend on the iteration budget (each outer iteration is the same step
-        # whatever the limit): a run given more (or fewer) iterations continues from them
-        budgetless = {**fine_parts, "refine": {k: v for k, v in sec("refine").items() if k != "max_iterations"}}
+        # whatever the limit) nor on the Gauss-Newton polish that follows them: a run given more (or
+        # fewer) iterations, or polish steps, continues from them
+        budgetless = {**fine_parts, "refine": {k: v for k, v in sec("refine").items()
+                                               if k not in ("max_iterations", "gauss_newton_steps")}}
         trace_key = stage_key("fine-trace", budgetless)
         keys["report"] = stage_key("report", {"fine": keys["fine"], "iam": keys["iam"], "coarse": keys.get("coarse")})
     run_dir = Path(results_dir) / run_name(cfg) if run_dir is None else Path(run_dir)
@@ -605,14 +607,21 @@ def run_fine(plan: Plan, say=_say) -> dict:
         vals = " ".join(f"{n}={v:.6g}" for n, v in zip(names, best))
         say(f"{prefix}: iteration {it:4d}  {problem.gof.name} {fsim[0]:.6g}  {vals}")
 
+    def polished(k, gof, kept, ratio, values, g):
+        vals = " ".join(f"{n}={v:.6g}" for n, v in zip(names, values))
+        say(f"{prefix}: Gauss-Newton step {k}: {problem.gof.name} {gof:.6g}"
+            f"{'' if kept else ' (not lowered: stop)'}, undamped step {ratio:.3g} sigma  {vals}")
+
     res = refine(problem, max_iterations=int(r.get("max_iterations", 200)), xatol=float(r.get("xatol", 1e-4)),
-                 initial_step=float(r.get("initial_step", 0.1)), callback=checkpoint, on_start=started, **kw)
+                 initial_step=float(r.get("initial_step", 0.1)), callback=checkpoint, on_start=started,
+                 gauss_newton_steps=int(r.get("gauss_newton_steps", 0)), on_gauss_newton=polished, **kw)
     full = trace.open(key)
     ds = fine_dataset(problem, res, full, resumed_from=kw.get("start_iteration"))
     write_store(_with_key(ds, plan, "fine", r), plan.store("fine"))
     say(f"{prefix}: {problem.gof.name} {res.gof_start:.6g} -> {res.gof:.6g}, "
         f"mean ZNCC {res.zncc_mean_start:.5f} -> {res.zncc_mean:.5f}, "
-        f"{'converged' if res.converged else 'not converged'} after {res.counters['outer_iterations']} iterations")
+        f"{'converged' if res.converged else 'not converged'} after {res.counters['outer_iterations']} iterations"
+        + (f" and {res.counters['gauss_newton_steps']} Gauss-Newton steps" if res.counters.get("gauss_newton_steps") else ""))
     return {"resumed_from": kw.get("start_iteration")}
 
 

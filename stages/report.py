@@ -472,7 +472,8 @@ def _warnings(s: dict) -> list[str]:
     w = []
     if not s["converged"]:
         w.append(f"The refinement did not converge within {s['iterations']} iterations: the values are the best point "
-                 "so far (raise refine.max_iterations, or start closer).")
+                 "so far (raise refine.max_iterations or set refine.gauss_newton_steps; the run continues from its "
+                 "checkpoints).")
     if s["gof_name"].startswith("Chi2") and s["gof"] > 2.0:
         w.append(f"Reduced χ² = {s['gof']:.3g} > 2: the model does not describe the data within the noise "
                  "(standard errors are scaled up by it).")
@@ -761,6 +762,9 @@ def _sections(s: dict) -> list[tuple[str, str, object]]:
             f"{s['gof_name']}: {fmt(s['gof_start'])} → {fmt(s['gof'])} (reduced), {s['n_points']} points, "
             f"{s['dof']} degrees of freedom, R = {fmt(s['fit']['r_factor'], digits=4)}; "
             f"{'converged' if s['converged'] else 'NOT converged'} after {s['iterations']} iterations"
+            + (f" and {s['counters']['gauss_newton_steps']} Gauss-Newton steps ({s['gof_name']} "
+               f"{fmt(s['counters']['gof_before_gauss_newton'])} before them)"
+               if (s.get("counters") or {}).get("gauss_newton_steps") else "")
             + (f" (resumed after iteration {s['resumed_from_iteration']})" if s.get("resumed_from_iteration") is not None
                else "") + ".")
     blocks.append(("p", "", lead))

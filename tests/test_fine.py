@@ -102,6 +102,29 @@ def test_gauss_newton_step_points_to_the_optimum(si):
     assert abs(u + du - u_true) < 0.1 * abs(u - u_true), (u, du, u_true)
 
 
+def test_gauss_newton_polish_converges_in_few_solves(si):
+    """Two Nelder-Mead iterations, then Levenberg-Marquardt steps on all parameters: noise-free, U(1-1-1)
+    within 5e-5 of the truth (measured 1.7e-5; 60 Nelder-Mead iterations alone reach 2e-4), converged
+    (the next step < 0.1 sigma), in 12 eigen-solves instead of ~26.  With Poisson noise it lands on the
+    long Nelder-Mead run's optimum within 0.1 sigma (measured 0.03)."""
+    steps = []
+    prob, u_true = _small_problem(si)
+    res = refine(prob, max_iterations=2, gauss_newton_steps=5, on_gauss_newton=lambda *a: steps.append(a))
+    assert res.converged and res.counters["gauss_newton_accepted"] >= 1
+    assert abs(res.value("U(1 -1 -1)") / u_true - 1) < 5e-5
+    assert abs(res.value("thickness") / 900.0 - 1) < 2e-4
+    assert res.gof < res.counters["gof_before_gauss_newton"] and res.counters["eigen_solves"] <= 16
+    assert [s[2] for s in steps] == [True] * len(steps)  # every step lowered the GOF
+    assert np.all(np.abs(res.gauss_newton_step) < 0.1 * res.sigma)
+
+    prob_a, _ = _small_problem(si, noise="poisson", seed=7)
+    prob_b, _ = _small_problem(si, noise="poisson", seed=7)
+    long_nm = refine(prob_a, max_iterations=60)
+    polished = refine(prob_b, max_iterations=2, gauss_newton_steps=5)
+    for name in ("U(1 -1 -1)", "thickness"):
+        assert abs(polished.value(name) - long_nm.value(name)) < 0.1 * long_nm.error(name), name
+
+
 def test_zero_iam_reflection_gets_a_range(si):
     model = ForwardModel(si, 200.0, (1, 1, 0))
     (p,) = sf_params_from_config(model, [{"hkl": [2, -2, -2], "refine": ["U"]}])

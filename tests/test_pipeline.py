@@ -152,6 +152,21 @@ def test_more_iterations_continue_from_the_checkpoints(small, tmp_path):
     np.testing.assert_array_equal(a.value.values, b.value.values)
     np.testing.assert_array_equal(a.trace_gof.values, b.trace_gof.values)
 
+    # a Gauss-Newton polish added afterwards also continues from the checkpoints (same trace key), and
+    # its steps only lower the figure of merit
+    gn_cfg = tmp_path / "gn.toml"
+    gn_cfg.write_text(text.replace("max_iterations = 3", "max_iterations = 3\ngauss_newton_steps = 3"))
+    gn = P.make_plan(C.load_config(gn_cfg), tmp_path / "res", run_dir=run)
+    assert gn.trace_key == short.trace_key and gn.keys["fine"] != longer.keys["fine"]
+    lines = []
+    P.run_all(gn, say=lines.append)
+    assert any("resuming after iteration 3" in m for m in lines)
+    assert any("Gauss-Newton step 1" in m for m in lines), lines
+    c = xr.open_zarr(gn.store("fine"), consolidated=False)
+    counters = json.loads(c.attrs["counters"])
+    assert counters["gauss_newton_steps"] >= 1 and c.attrs["gof"] <= b.attrs["gof"]
+    assert counters["gof_before_gauss_newton"] == pytest.approx(b.attrs["gof"], rel=1e-12)
+
 
 def test_torn_trace_rows_are_dropped(tmp_path):
     t = P.TraceStore(tmp_path / "fine_trace.zarr")
