@@ -731,6 +731,19 @@ def _stepped(problem: FineProblem, values_sf, g: dict, d: np.ndarray):
     return v, g2
 
 
+def _free_of_bounds(problem: FineProblem, values_sf, step: np.ndarray) -> np.ndarray:
+    """Mask of the parameters a step may move: a structure factor at an end of its range whose
+    Gauss-Newton step points out of the range is held there (active set), so that the others are
+    solved for without it instead of a clipped step that need not descend."""
+    n = len(problem.sf)
+    free = np.ones(len(step), bool)
+    for i, p in enumerate(problem.sf):
+        tol = 1e-9 * (p.hi - p.lo)
+        if (values_sf[i] <= p.lo + tol and step[i] < 0) or (values_sf[i] >= p.hi - tol and step[i] > 0):
+            free[i] = False
+    return free
+
+
 def gauss_newton_polish(problem: FineProblem, values_sf, g: dict, sol, fit, steps: int, on_step=None,
                         tol_sigma: float = 0.1, lam0: float = 1e-3):
     """Levenberg-Marquardt steps on all refined parameters jointly (structure factors and geometry),
@@ -742,11 +755,14 @@ def gauss_newton_polish(problem: FineProblem, values_sf, g: dict, sol, fit, step
     through thickness); a Gauss-Newton step uses the Jacobian (one solve per structure factor, the
     geometry at the cached solution) and lands near the least-squares optimum when the model is
     close to linear over the step.  Each step: J and r at the point; the damped normal equations
-    (A + lam diag A) d = -J^T r with A = J^T J; structure factors clipped to their ranges; the
+    (A + lam diag A) d = -J^T r with A = J^T J, without the structure factors held at an end of their
+    range by a step pointing out of it (:func:`_free_of_bounds`); structure factors clipped to their
+    ranges; the
     candidate is solved once and kept when its reduced GOF is lower (lam / 10), else lam x 10 and
     again (at most 4 tries).  Stops as converged when the undamped step is below ``tol_sigma``
-    standard errors in every parameter; stops when no try lowers the GOF (converged if that step
-    was below 1 sigma); else after ``steps`` steps.  Deterministic: a resumed run repeats it.
+    standard errors in every free parameter (an optimum on the range's end for the held ones: the
+    report flags them); stops when no try lowers the GOF (converged if that step was below 1 sigma);
+    else after ``steps`` steps.  Deterministic: a resumed run repeats it.
 
     Returns (values_sf, g, sol, fit, info); info: steps, accepted, converged, gof_before, gof_after,
     max_step_sigma (of the last Jacobian), jac ((J, r) at the returned point when computed there,
@@ -766,7 +782,9 @@ def gauss_newton_polish(problem: FineProblem, values_sf, g: dict, sol, fit, step
         inv = np.linalg.pinv(A)
         red = max(1.0, f0)
         sig = np.sqrt(np.clip(np.diag(inv), 0, None) * red)
-        gn = inv @ b
+        free = _free_of_bounds(problem, v, inv @ b)
+        gn = np.zeros(len(b))  # the undamped step of the free parameters (those at a range end held)
+        gn[free] = np.linalg.pinv(A[np.ix_(free, free)]) @ b[free]
         with np.errstate(invalid="ignore", divide="ignore"):
             ratio = float(np.nanmax(np.where(sig > 0, np.abs(gn) / sig, 0.0))) if len(sig) else 0.0
         info["max_step_sigma"] = ratio
@@ -775,7 +793,9 @@ def gauss_newton_polish(problem: FineProblem, values_sf, g: dict, sol, fit, step
             break
         kept = False
         for _ in range(4):
-            d = np.linalg.lstsq(A + lam * np.diag(np.diag(A)), b, rcond=None)[0]
+            d = np.zeros(len(b))
+            Af = A[np.ix_(free, free)]
+            d[free] = np.linalg.lstsq(Af + lam * np.diag(np.diag(Af)), b[free], rcond=None)[0]
             v2, g2 = _stepped(problem, v, g, d)
             try:
                 s2 = problem.solve(v2)

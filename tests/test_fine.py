@@ -125,6 +125,20 @@ def test_gauss_newton_polish_converges_in_few_solves(si):
         assert abs(polished.value(name) - long_nm.value(name)) < 0.1 * long_nm.error(name), name
 
 
+def test_gauss_newton_polish_holds_a_structure_factor_at_its_range_end(si):
+    """A range that excludes the truth (IAM +-2 %, truth 0.97 IAM): the structure factor ends at the
+    lower end, the polish holds it there instead of taking clipped steps, finds the geometry already
+    at its optimum (converged on the range's end), and the unconstrained Gauss-Newton step still
+    points out of the range."""
+    prob, u_true = _small_problem(si)
+    prob.sf = sf_params_from_config(prob.model, [{"hkl": list(G1), "refine": ["U"], "range_percent": 2}])
+    assert u_true < prob.sf[0].lo
+    res = refine(prob, max_iterations=2, gauss_newton_steps=4)
+    assert res.value("U(1 -1 -1)") == pytest.approx(prob.sf[0].lo, rel=1e-12)
+    assert res.converged and res.gof == pytest.approx(res.counters["gof_before_gauss_newton"], rel=1e-12)
+    assert res.gauss_newton_step[res.names.index("U(1 -1 -1)")] < -2 * res.error("U(1 -1 -1)")
+
+
 def test_zero_iam_reflection_gets_a_range(si):
     model = ForwardModel(si, 200.0, (1, 1, 0))
     (p,) = sf_params_from_config(model, [{"hkl": [2, -2, -2], "refine": ["U"]}])
