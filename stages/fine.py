@@ -15,6 +15,9 @@ The nested loop of the seed specification (../shared/seed/), with the anchor's w
   geometry (after a cheap thickness scan from the cached solution), so equal structure factors
   always give equal figures of merit, and the reported geometry is the inner optimum of the best
   point, re-evaluated at the end.
+* Optional polish (``gauss_newton_steps``, :func:`gauss_newton_polish`): Levenberg-Marquardt steps on
+  the structure factors and the geometry jointly from the Nelder-Mead result, with the Jacobian below;
+  structure factors stay in their ranges.
 * Uncertainties: the Jacobian of the weighted residuals (scale and backgrounds re-solved in closed
   form, i.e. profiled) with respect to every refined parameter at the optimum gives
   cov = (J^T J)^-1 * max(1, reduced chi^2); standard errors and the correlation matrix are reported.
