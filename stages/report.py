@@ -386,7 +386,7 @@ def summarize(run_dir) -> dict:
         row = {"name": name, "kind": str(fine.kind.values[i]), "units": str(fine.units.values[i]),
                "value": float(fine.value.values[i]), "sigma": float(fine.sigma.values[i]),
                "start": float(fine.start.values[i])}
-        if "range_lo" in fine:  # stores of qcbed >= 0.3.1
+        if "range_lo" in fine:  # absent from fine.zarr stores written before the ranges were recorded
             row["range"] = [float(fine.range_lo.values[i]), float(fine.range_hi.values[i])]
             row["at_range_end"] = range_end(row["value"], *row["range"])
         if "gauss_newton_step" in fine:
@@ -491,7 +491,8 @@ def _warnings(s: dict) -> list[str]:
                  "the reported point predicts " + ", ".join(
                      f"{p['name']} {fmt(p['value'])} → {fmt(p['value'] + p['gauss_newton_step'])} "
                      f"({abs(p['gauss_newton_step']) / p['sigma']:.3g} σ)" for p in worst)
-                 + " (raise refine.max_iterations; the run continues from its checkpoints).")
+                 + " (raise refine.max_iterations or set refine.gauss_newton_steps; the run continues from its "
+                   "checkpoints).")
     for p in s["parameters"]:
         end = p.get("at_range_end")
         if end:
