@@ -523,8 +523,10 @@ def make_parser() -> argparse.ArgumentParser:
                         "optional fraction = F for the others)")
     s.add_argument("--table", default="peng", choices=["peng", "kirkland"],
                    help="electron scattering factors: peng (ITC 4.3.2.2, default) or kirkland (2010)")
-    s.add_argument("--solver", default="general", choices=["general", "hermitian"],
-                   help="general: complex eigen-solution (default); hermitian: faster, absorption by perturbation")
+    s.add_argument("--solver", default="general", choices=["general", "hermitian", "auto"],
+                   help="general: complex eigen-solution (default); hermitian: ~2-3x faster, absorption by "
+                        "quasi-degenerate perturbation (|dI| < 1e-4 for U'/U <= 0.1); auto: hermitian where its "
+                        "error estimate allows, general elsewhere")
     s.add_argument("--gmax", type=float, metavar="INV_A", help="largest |g| of the beam pool, 1/Å (default 5.0)")
     s.add_argument("--sg-strong", type=float, metavar="INV_A", help="excitation error (1/Å) below which beams are diagonalised exactly (default 0.06)")
     s.add_argument("--sg-max", type=float, metavar="INV_A", help="excitation error (1/Å) beyond which beams are dropped (default 1.5)")

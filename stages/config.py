@@ -12,7 +12,7 @@ Sections (relative paths resolve against the config file's folder)::
                    shift_px, disk_shift_px = {"2 -2 -2" = [drow, dcol]}, scale_y, flip
     [roi]          disks = [[h, k, l], ...] (LARBED default: every image), regions, padding, disk_mask
     [refine]       gof, reflections, geometry, psf_sigma, psf_gamma, max_iterations, thickness_scan,
-                   initial_step, xatol, gauss_newton_steps (see stages/fine.py)
+                   initial_step, xatol, gauss_newton_steps, optimizer (see stages/fine.py)
     [coarse]       enabled, thickness_bracket_A = [lo, hi], box_px, search_px, step_px, radius_px,
                    background = "per_disk" | "joint", disks = [[h, k, l], ...], fit_gl, gl_bracket_px,
                    align_disks (LARBED), max_disk_shift_px (see stages/coarse.py)
@@ -54,7 +54,7 @@ GEOMETRY_KEYS = {"gl_px", "rotation_deg", "centre_px", "tilt0", "tilt0_xy_invA",
                  "scale_y", "flip"}
 ROI_KEYS = {"disks", "regions", "padding", "disk_mask"}
 REFINE_KEYS = {"gof", "reflections", "geometry", "psf_sigma", "psf_gamma", "max_iterations", "gauss_newton_steps",
-               "thickness_scan",
+               "thickness_scan", "optimizer",
                "initial_step", "xatol"}
 COARSE_KEYS = {"enabled", "thickness_bracket_A", "box_px", "search_px", "step_px", "radius_px", "background", "disks",
                "fit_gl", "gl_bracket_px", "align_disks", "max_disk_shift_px"}
@@ -704,7 +704,7 @@ SCHEMA: dict[str, _Table] = {
                           "scattering_table": _chk_string(("peng", "kirkland")),
                           "absorption": _chk_string(("none", "proportional", "bird_king")),
                           "absorption_fraction": _chk_number(ge=0.0, lt=1.0, fix="typical values are 0.02-0.1"),
-                          "solver": _chk_string(("general", "hermitian")),
+                          "solver": _chk_string(("general", "hermitian", "auto")),
                           "g_max": _POSITIVE, "sg_max": _POSITIVE, "sg_strong": _POSITIVE, "bethe": _boolean,
                           "tile_invA": _POSITIVE},
                          required=("thickness_A",), fix={"thickness_A": "give the (starting) thickness in Å"}),
@@ -730,7 +730,8 @@ SCHEMA: dict[str, _Table] = {
                       "geometry": _refine_geometry, "psf_sigma": _ZERO_OK, "psf_gamma": _ZERO_OK,
                       "max_iterations": _chk_number(ge=1, integer=True), "thickness_scan": _chk_number(ge=0.0, lt=1.0),
                       "initial_step": _chk_number(gt=0.0, le=1.0), "xatol": _POSITIVE,
-                      "gauss_newton_steps": _chk_number(ge=0, integer=True, fix="0 (off) or a few, e.g. 4")},
+                      "gauss_newton_steps": _chk_number(ge=0, integer=True, fix="0 (off) or a few, e.g. 4"),
+                      "optimizer": _chk_string(("nelder-mead", "levenberg-marquardt"))},
                      required=("reflections",),
                      fix={"reflections": "list the reflections to refine, e.g. [{hkl = [1, -1, -1], refine = [\"U\"]}]"}),
     "coarse": _Table({"enabled": _boolean, "thickness_bracket_A": _chk_interval(positive=True, fix="give [low, high] in Å"),

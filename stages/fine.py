@@ -40,7 +40,7 @@ from .errors import QcbedInputError
 from .physics.gof import BaseGOF
 from .physics.pattern_geometry import PatternGeometry
 from .physics.sampling import convolve_valid, cubic_sample, cubic_sample_stack, voigt_kernel
-from .physics.structure_factors import centric_phase
+from .physics.structure_factors import centric_phase, related_reflections
 from .simulate import ForwardModel
 
 GEOMETRY_PARAMS = ("thickness", "gl", "rotation", "shift", "disk_shifts", "psf")
@@ -163,6 +163,32 @@ def apply_sf(model: ForwardModel, params: list[SFParam], values) -> None:
             ph = np.radians(comps.get(base + "_phase", np.degrees(np.angle(cur))))
             val = amp * np.exp(1j * ph)
         model.potential.set(hkl, **({"U": val} if base == "U" else {"Uprime": val}))
+
+
+def sf_potential_derivatives(model: ForwardModel, params: list[SFParam], values) -> list[dict]:
+    """Per refined component, d(U_h + i U'_h)/dp [Å^-2 per unit of p] over every reflection h it
+    changes (symmetry equivalents and Friedel mates with their phases; U' too where it follows U).
+
+    Taken through :func:`apply_sf` and the potential, so whatever a component sets is differentiated:
+    central differences of 1e-6 of the range, exact for the components that are linear in p (U, U',
+    amplitudes: to rounding) and to ~1e-12 relative for phases.  No eigen-solve.  The potential is
+    left at ``values``."""
+    base = np.asarray(values, float)
+    out = []
+    for i, p in enumerate(params):
+        rel = [h for h, _, _ in related_reflections(model.crystal, p.hkl)]
+        step = 1e-6 * (p.hi - p.lo)
+        pair = []
+        for x in (base[i] + step, base[i] - step):
+            v = base.copy()
+            v[i] = x
+            apply_sf(model, params, v)
+            u, up = model.potential.get(rel)
+            pair.append(u + 1j * up)
+        d = (pair[0] - pair[1]) / (2 * step)
+        out.append({tuple(int(c) for c in h): complex(x) for h, x in zip(rel, d) if x != 0})
+    apply_sf(model, params, base)
+    return out
 
 
 @dataclass
@@ -298,13 +324,24 @@ class FineProblem:
                               disk_shift_px=ds)
 
     # ---------------------------------------------------------------- evaluation
-    def solve(self, values):
+    def solve(self, values, deriv_thickness: float | None = None):
+        """One eigen-solution of every ROI tilt at structure factors ``values``; with ``deriv_thickness``
+        [Å] also the analytic derivatives of the intensities with respect to every refined structure
+        factor at that thickness (:func:`stages.physics.bloch.solve`), from the same eigen-solution."""
         t0 = time.perf_counter()
+        kw = {}
+        if deriv_thickness is not None and self.sf:
+            kw = {"dpot": sf_potential_derivatives(self.model, self.sf, values), "deriv_thickness_A": float(deriv_thickness)}
         apply_sf(self.model, self.sf, values)
-        sol = self.model.solve_tiled(self.kt, self.disks, beam_cache=self.beam_cache)
+        sol = self.model.solve_tiled(self.kt, self.disks, beam_cache=self.beam_cache, **kw)
         self.counters["eigen_solves"] += 1
         self.counters["solve_s"] += time.perf_counter() - t0
         return sol
+
+    def sim_transform(self, inten: np.ndarray, g: dict) -> np.ndarray:
+        """Per-tilt intensities (or their derivatives) (nd, n_roi) -> simulated samples (nd, n_inner):
+        the PSF (a linear map) where one is used, else the inner points."""
+        return inten[:, self.inner_mask] if not self.use_psf else self._psf(inten, g)
 
     def simulated(self, sol, g: dict) -> np.ndarray:
         """Simulated intensities (nd, n_inner) at thickness g, with the PSF if any.
@@ -320,7 +357,7 @@ class FineProblem:
         if hit is not None:
             return hit
         inten = sol.intensities([g["thickness"]])[:, 0, :].T  # (nd, npt)
-        out = inten[:, self.inner_mask] if not self.use_psf else self._psf(inten, g)
+        out = self.sim_transform(inten, g)
         if len(memo) >= 32:
             memo.pop(next(iter(memo)))
         memo[key] = out
@@ -417,6 +454,32 @@ class FineProblem:
         fit = self.gof_at(sol, g)
         self.counters["inner_s"] += time.perf_counter() - t0
         return self.gof.reduced(fit, nf), g, fit
+
+    def inner_from(self, sol, g: dict, names=None) -> tuple[float, dict, object]:
+        """Powell over the geometry parameters ``names`` (default: all but the thickness) at a cached
+        solution, from g and inside the inner search box: (reduced GOF, geometry, fit).  The thickness
+        stays: the solution's analytic derivatives, taken at it, stay exact."""
+        nf = self.n_free()
+        names = [n for n in self._names if n != "thickness"] if names is None else list(names)
+        if not names:
+            fit = self.gof_at(sol, g)
+            return self.gof.reduced(fit, nf), dict(g), fit
+        t0 = time.perf_counter()
+        steps = np.array([self._step(n) for n in names])
+        lower, upper = self._bounds(self.geometry_start(), names, steps)
+        x0 = np.clip(np.array([g[n] for n in names]) / steps, lower, upper)
+
+        def f(x):
+            out = np.maximum(lower - x, 0) + np.maximum(x - upper, 0)
+            if np.any(out > 0):
+                return 1e30 * (1 + float(out.sum()))
+            return self._safe_reduced(sol, {**g, **dict(zip(names, x * steps))}, nf)
+
+        res = minimize(f, x0, method="Powell", options={"xtol": 1e-3, "ftol": 1e-9, "maxfev": self.inner_maxiter})
+        g2 = {**g, **dict(zip(names, res.x * steps))}
+        fit = self.gof_at(sol, g2)
+        self.counters["inner_s"] += time.perf_counter() - t0
+        return self.gof.reduced(fit, nf), g2, fit
 
     def _scan_thickness(self, sol, g0: dict, nf: int, n: int = 41) -> float:
         """Best of n thicknesses within ±thickness_scan of the start, all from one intensity call
@@ -627,11 +690,16 @@ def refine(problem: FineProblem, max_iterations: int = 200, xatol: float = 1e-4,
             converged = True
             break
     t_outer = time.perf_counter() - t_start
-    # re-evaluate the best point: its own inner optimum is the reported geometry
+    # re-evaluate the best point: its own inner optimum is the reported geometry; then one solve with the
+    # analytic derivatives at that thickness gives the Jacobian (uncertainties, polish) without a solve
+    # per structure factor
     u_best = sim[0]
     sol = problem.solve(problem.from_unit(u_best))
     gof_best, g_best, fit = problem.inner(sol)
     values_sf = problem.from_unit(u_best)
+    if problem.sf:
+        sol = problem.solve(values_sf, deriv_thickness=g_best["thickness"])
+        fit = problem.gof_at(sol, g_best)
     gn_info = {"steps": 0, "accepted": 0, "converged": False, "gof_before": float(gof_best), "jac": None}
     if gauss_newton_steps > 0:
         values_sf, g_best, sol, fit, gn_info = gauss_newton_polish(problem, values_sf, g_best, sol, fit,
@@ -666,27 +734,88 @@ def _fit_arrays(problem: FineProblem, sol, g: dict, fit):
     return np.asarray(exp, float), np.asarray(sim, float), np.asarray(used, bool)
 
 
+#: RMS displacement [px] of the experimental sampling points by the difference step of a sampling-geometry
+#: parameter (gl, rotation, shifts): half a pixel, so that the central difference averages over the
+#: interpolated pixel grid (on a ROI sampled at whole-pixel steps, cubic convolution of noisy pixels
+#: gives the figure of merit a ripple of period one pixel in every shift: a difference of +-0.5 px
+#: cancels it, where a small step follows its slope and makes Gauss-Newton steps crawl)
+SAMPLING_FD_PX = 0.5
+
+
+def geometry_fd_step(problem: FineProblem, g: dict, name: str) -> float:
+    """Central-difference step of geometry parameter ``name`` for the Jacobian: thickness 0.5 Å, PSF
+    widths 0.02 tilt steps (the simulation side: smooth), and for the sampling geometry the step that
+    moves the experimental sampling points by :data:`SAMPLING_FD_PX` RMS (measured at g)."""
+    if name == "thickness":
+        return 0.5
+    if name.startswith("psf"):
+        return 0.02
+    h = problem._step(name)  # trial step; the displacement is linear in it to first order
+    pg_a, pg_b = problem._pg(g), problem._pg({**g, name: g[name] + h})
+    xy_a, xy_b = pg_a.tilt_to_display(problem.kt_inner), pg_b.tilt_to_display(problem.kt_inner)
+    disk = problem.disks[0]
+    if name.startswith("disk_shift"):
+        key = name[name.index("[") + 1:-1]
+        disk = np.array([int(c) for c in key.split()])
+    rc_a, rc_b = pg_a.display_to_pixel(xy_a, disk), pg_b.display_to_pixel(xy_b, disk)
+    rms = float(np.sqrt(np.mean(np.sum((rc_b - rc_a) ** 2, axis=1))))
+    return h * SAMPLING_FD_PX / rms if rms > 0 else h
+
+
+def has_derivatives_at(sol, g: dict) -> bool:
+    """True when ``sol`` carries analytic structure-factor derivatives at geometry g's thickness."""
+    try:
+        _, t = sol.derivatives()
+    except (ValueError, AttributeError):
+        return False
+    return abs(t - float(g["thickness"])) <= 1e-9 * max(1.0, abs(t))
+
+
+def _sf_columns_analytic(problem: FineProblem, sol, g: dict, used, r0) -> list[np.ndarray]:
+    """Jacobian columns of the profiled residuals for the structure factors, from the analytic dI/dp
+    carried by ``sol`` (one eigen-solution, no re-solve): dsim/dp is dI/dp through the PSF (linear),
+    and the residuals' dependence on the simulation (closed-form scale and backgrounds, any metric) by
+    central differences along dsim/dp, of 1e-4 of each range (the residuals are smooth rational
+    functions of the simulation: the error is ~(1e-5)^2 relative)."""
+    dI, _ = sol.derivatives()
+    sim0 = problem.simulated(sol, g)
+    exp, var, ok = problem.experimental(g)
+    cols = []
+    for i, p in enumerate(problem.sf):
+        ds = problem.sim_transform(dI[:, i, :].T, g)
+        h = 1e-4 * (p.hi - p.lo)
+        fp = problem.gof.fit(sim0 + h * ds, exp, var, ok)
+        fm = problem.gof.fit(sim0 - h * ds, exp, var, ok)
+        cols.append((_resid(fp, used, r0) - _resid(fm, used, r0)) / (2 * h))
+    return cols
+
+
 def _jacobian(problem: FineProblem, values_sf, g, sol, fit):
     """(J, r): the Jacobian of the profiled weighted residuals with respect to every refined parameter
-    (structure factors by one solve each, forward differences of 1e-3 of their range; geometry at the
-    cached solution) and the residuals r at the point, both on the point's used samples."""
+    and the residuals r at the point, both on the point's used samples.  Structure factors: analytic,
+    when ``sol`` carries derivatives at g's thickness (:meth:`FineProblem.solve` with
+    ``deriv_thickness``; :func:`_sf_columns_analytic`), else by one solve each (forward differences of
+    1e-3 of their range); geometry: at the cached solution."""
     names_g = problem.geometry_names
     used = np.isfinite(fit.model) if fit.model is not None else None
     r0 = fit.residual[used] if used is not None else fit.residual.ravel()
-    cols = []
-    for i, p in enumerate(problem.sf):
-        h = 1e-3 * (p.hi - p.lo)
-        v = np.array(values_sf, float)
-        v[i] += h
-        s = problem.solve(v)
-        f2 = problem.gof_at(s, g)
-        cols.append(_resid(f2, used, r0) / h)
-    apply_sf(problem.model, problem.sf, values_sf)  # restore the potential at the optimum (no solve needed)
+    if problem.sf and has_derivatives_at(sol, g):
+        cols = _sf_columns_analytic(problem, sol, g, used, r0)
+    else:
+        cols = []
+        for i, p in enumerate(problem.sf):
+            h = 1e-3 * (p.hi - p.lo)
+            v = np.array(values_sf, float)
+            v[i] += h
+            s = problem.solve(v)
+            f2 = problem.gof_at(s, g)
+            cols.append(_resid(f2, used, r0) / h)
+        apply_sf(problem.model, problem.sf, values_sf)  # restore the potential at the optimum (no solve needed)
     for name in names_g:
-        h = 0.05 * problem._step(name) if not name.startswith("psf") else 0.02
-        g2 = {**g, name: g[name] + h}
-        f2 = problem.gof_at(sol, g2)
-        cols.append(_resid(f2, used, r0) / h)
+        h = geometry_fd_step(problem, g, name)
+        fp = problem.gof_at(sol, {**g, name: g[name] + h})
+        fm = problem.gof_at(sol, {**g, name: g[name] - h})
+        cols.append((_resid(fp, used, r0) - _resid(fm, used, r0)) / (2 * h))
     J = np.stack(cols, axis=1) if cols else np.zeros((len(r0), 0))
     return J, np.where(np.isfinite(r0), r0, 0.0)
 
@@ -747,6 +876,40 @@ def _free_of_bounds(problem: FineProblem, values_sf, step: np.ndarray) -> np.nda
     return free
 
 
+def _lm_proposal(problem: FineProblem, J: np.ndarray, r: np.ndarray, values_sf, f0: float):
+    """(ratio, damped): the largest |undamped Gauss-Newton step| / sigma over the free parameters, and
+    a function lam -> the damped step (A + lam diag A) d = -J^T r, A = J^T J, with the structure factors
+    held at an end of their range by a step pointing out of it (:func:`_free_of_bounds`) left at 0."""
+    A = J.T @ J
+    b = -(J.T @ r)
+    inv = np.linalg.pinv(A)
+    sig = np.sqrt(np.clip(np.diag(inv), 0, None) * max(1.0, f0))
+    free = _free_of_bounds(problem, values_sf, inv @ b)
+    gn = np.zeros(len(b))  # the undamped step of the free parameters (those at a range end held)
+    gn[free] = np.linalg.pinv(A[np.ix_(free, free)]) @ b[free]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = float(np.nanmax(np.where(sig > 0, np.abs(gn) / sig, 0.0))) if len(sig) else 0.0
+    Af = A[np.ix_(free, free)]
+
+    def damped(lam: float) -> np.ndarray:
+        d = np.zeros(len(b))
+        d[free] = np.linalg.lstsq(Af + lam * np.diag(np.diag(Af)), b[free], rcond=None)[0]
+        return d
+
+    return ratio, damped
+
+
+def _trial(problem: FineProblem, v2, g2: dict):
+    """One eigen-solve at structure factors v2, with the analytic derivatives at g2's thickness (the
+    Jacobian there if the point is kept): (solution, fit, reduced GOF; inf when no point is usable)."""
+    try:
+        s2 = problem.solve(v2, deriv_thickness=g2["thickness"])
+        fit2 = problem.gof_at(s2, g2)
+        return s2, fit2, float(problem.gof.reduced(fit2, problem.n_free()))
+    except QcbedInputError:
+        return None, None, np.inf
+
+
 def gauss_newton_polish(problem: FineProblem, values_sf, g: dict, sol, fit, steps: int, on_step=None,
                         tol_sigma: float = 0.1, lam0: float = 1e-3):
     """Levenberg-Marquardt steps on all refined parameters jointly (structure factors and geometry),
@@ -780,32 +943,15 @@ def gauss_newton_polish(problem: FineProblem, values_sf, g: dict, sol, fit, step
     for k in range(steps):
         J, r = _jacobian(problem, v, g, sol_v, fit_v)
         info["jac"] = (J, r)
-        A = J.T @ J
-        b = -(J.T @ r)
-        inv = np.linalg.pinv(A)
-        red = max(1.0, f0)
-        sig = np.sqrt(np.clip(np.diag(inv), 0, None) * red)
-        free = _free_of_bounds(problem, v, inv @ b)
-        gn = np.zeros(len(b))  # the undamped step of the free parameters (those at a range end held)
-        gn[free] = np.linalg.pinv(A[np.ix_(free, free)]) @ b[free]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ratio = float(np.nanmax(np.where(sig > 0, np.abs(gn) / sig, 0.0))) if len(sig) else 0.0
+        ratio, damped = _lm_proposal(problem, J, r, v, f0)
         info["max_step_sigma"] = ratio
         if ratio < tol_sigma:
             info["converged"] = True
             break
         kept = False
         for _ in range(4):
-            d = np.zeros(len(b))
-            Af = A[np.ix_(free, free)]
-            d[free] = np.linalg.lstsq(Af + lam * np.diag(np.diag(Af)), b[free], rcond=None)[0]
-            v2, g2 = _stepped(problem, v, g, d)
-            try:
-                s2 = problem.solve(v2)
-                fit2 = problem.gof_at(s2, g2)
-                f2 = float(problem.gof.reduced(fit2, nf))
-            except QcbedInputError:
-                f2 = np.inf
+            v2, g2 = _stepped(problem, v, g, damped(lam))
+            s2, fit2, f2 = _trial(problem, v2, g2)
             if np.isfinite(f2) and f2 < f0:
                 v, g, sol_v, fit_v, f0 = v2, g2, s2, fit2, f2
                 lam = max(lam / 10.0, 1e-9)
@@ -831,3 +977,104 @@ def _resid(fit2, used, r0):
     out = r - r0
     out[~np.isfinite(out)] = 0.0
     return out
+
+
+OPTIMIZERS = ("nelder-mead", "levenberg-marquardt")
+
+
+def levenberg_marquardt(problem: FineProblem, max_steps: int = 200, tol_sigma: float = 0.1, lam0: float = 1e-3,
+                        callback=None, on_start=None, state: dict | None = None,
+                        gof_start: float | None = None) -> FineResult:
+    """Levenberg-Marquardt on the structure factors and the geometry jointly, with the analytic Jacobian.
+
+    Start: one eigen-solve at the start structure factors and the inner geometry optimum there (cached
+    solution, as the Nelder-Mead objective's first evaluation: the start figure of merit and ZNCC, and
+    the geometry the steps start from); then one solve with the analytic derivatives at that geometry's
+    thickness.  Each step: the damped normal equations (A + lam diag A) d = -J^T r on the profiled
+    weighted residuals (:func:`_lm_proposal`; structure factors held at a range end when the step points
+    out, clipped to their ranges, geometry to :data:`_GN_FLOOR`), then exactly one eigen-solve at the
+    candidate with the derivatives at its thickness (:func:`_trial`): kept when the reduced GOF is lower
+    (lam / 10; its Jacobian comes from that solve), else lam x 10.  Converged when the undamped step is
+    below ``tol_sigma`` standard errors in every free parameter (no solve); stopped when lam exceeds
+    1e8 (no lower point along the gradient: converged if that step was below 1 sigma) or after
+    ``max_steps`` steps.
+
+    ``callback(step, values_sf, geometry, lam, gof, accepted)`` after every step (a checkpoint);
+    ``state`` (the last checkpoint: step, values, geometry, lam, gof, accepted) continues an
+    interrupted run: the start is evaluated again (the same beam sets and start geometry), the
+    checkpoint's point solved once, and every later step is the uninterrupted run's (deterministic).
+    """
+    t_start = time.perf_counter()
+    sf = problem.sf
+    nf = problem.n_free()
+    names_g = problem.geometry_names
+    v0 = np.array([p.x0 for p in sf], float)
+    problem.initial_geometry = problem.geometry_start()
+    sol = problem.solve(v0)
+    f_start, g, fit = problem.inner(sol)
+    exp0, sim0, used0 = _fit_arrays(problem, sol, g, fit)
+    zncc_start = zncc_per_disk(exp0, sim0, used0)
+    problem.set_start(g)
+    gof_start = float(f_start) if gof_start is None else float(gof_start)
+    if on_start is not None:
+        on_start(gof_start)
+    if state is not None:
+        v = np.asarray(state["values"], float)
+        g = {**problem.geometry_start(), **{k: float(x) for k, x in state["geometry"].items()}}
+        lam, k, n_acc = float(state["lam"]), int(state["step"]), int(state["accepted"])
+    else:
+        v, lam, k, n_acc = v0, float(lam0), 0, 0
+    start_solves = problem.counters["eigen_solves"] + 1
+    sol, fit, f = _trial(problem, v, g)
+    if sol is None:
+        raise QcbedInputError("refine", "no usable sample at the start geometry", "check the ROI and the geometry")
+    J, r = _jacobian(problem, v, g, sol, fit)
+    trace, converged, ratio = [], False, np.inf
+    while k < max_steps:
+        ratio, damped = _lm_proposal(problem, J, r, v, f)
+        if ratio < tol_sigma:
+            converged = True
+            break
+        if lam > 1e8:
+            converged = ratio < 1.0
+            break
+        v2, g2 = _stepped(problem, v, g, damped(lam))
+        s2, fit2, f2 = _trial(problem, v2, g2)
+        k += 1
+        accepted = bool(np.isfinite(f2) and f2 < f)
+        if accepted:
+            v, sol = v2, s2
+            # the sampling geometry (not the thickness) to its optimum at this solution, cheaply (cached
+            # solution): Powell's line searches step over the pixel-scale ripple of interpolated data
+            # that Gauss-Newton steps can only crawl along
+            f, g, fit = problem.inner_from(sol, g2)
+            f = float(f)
+            if not f <= f2:  # never worse than the step's own point
+                f, g, fit = f2, g2, fit2
+            lam = max(lam / 10.0, 1e-9)
+            n_acc += 1
+            J, r = _jacobian(problem, v, g, sol, fit)
+        else:
+            lam *= 10.0
+        trace.append((k, v.tolist(), float(f)))
+        if callback is not None:
+            callback(k, v, {n: float(g[n]) for n in names_g}, lam, float(f), n_acc)
+    apply_sf(problem.model, sf, v)
+    names = [p.label for p in sf] + names_g
+    values = np.concatenate([v, [g[n] for n in names_g]])
+    exp_b, sim_b, used_b = _fit_arrays(problem, sol, g, fit)
+    fit_arrays = {"exp": exp_b, "sim": sim_b, "model": np.asarray(fit.model, float),
+                  "residual": np.asarray(fit.residual, float), "used": used_b}
+    sigma, corr, step = _uncertainties(problem, v, g, sol, fit, jac=(J, r))
+    counters = dict(problem.counters)
+    counters.update({"optimizer": "levenberg-marquardt", "outer_evaluations": k, "outer_iterations": k,
+                     "lm_steps": k, "lm_accepted": n_acc, "lm_rejected": k - n_acc,
+                     "lm_lambda": lam, "lm_max_step_sigma": float(ratio), "eigen_solves_start": start_solves,
+                     "resumed_from_step": int(state["step"]) if state else -1,
+                     "outer_s": time.perf_counter() - t_start, "total_s": time.perf_counter() - t_start})
+    dof = int(fit.n_points - fit.n_linear - nf)
+    return FineResult(names=names, values=values, sigma=sigma, correlation=corr, gof=float(f), gof_start=gof_start,
+                      scale=float(fit.scale), background=np.asarray(fit.background), geometry=dict(g), trace=trace,
+                      counters=counters, n_points=int(fit.n_points), dof=dof, converged=converged, fit=fit_arrays,
+                      zncc=zncc_per_disk(exp_b, sim_b, used_b), zncc_start=np.asarray(zncc_start, float),
+                      gauss_newton_step=step)

@@ -27,6 +27,7 @@ from .physics.crystal import Crystal
 from .physics.geometry import Geometry
 from .physics.scattering import TABLE_REFERENCES
 from .physics.structure_factors import Potential
+from .physics.tilt_symmetry import map_tilts, symmetric_overrides, symmetric_values, valid_operations
 
 
 def solver_threads() -> int:
@@ -70,6 +71,7 @@ class ForwardModel:
     method: str = "general"
     include_u0: bool = True
     tile_invA: float = 0.05  # side of the tilt tiles that share one beam set [Å^-1]
+    symmetry: bool = True  # solve_tiled: solve symmetry-related tilts once (stages/physics/tilt_symmetry.py)
 
     def __post_init__(self):
         self.potential = Potential(self.crystal, self.hv_kV, self.table, self.absorption, self.absorption_fraction)
@@ -79,6 +81,13 @@ class ForwardModel:
             self.potential.set(h, Uprime=v)
         u0 = self.potential.u0()[0] if self.include_u0 else 0.0
         self.geometry = Geometry(self.crystal, self.hv_kV, self.zone, self.x_axis, self.normal, u0)
+
+    def symmetry_operations(self) -> list:
+        """2-D operations of the zone-axis pattern usable for tilt mapping (identity first)."""
+        hit = getattr(self, "_sym_ops", None)
+        if hit is None or hit[0] is not self.geometry:
+            hit = self._sym_ops = (self.geometry, valid_operations(self.geometry))
+        return hit[1]
 
     def beams(self, kt, out_hkl=None, pool=None, radius_invA: float = 0.0) -> BeamSet:
         return select_beams(self.geometry, self.potential, kt, self.selection, required=out_hkl, pool=pool,
@@ -92,7 +101,8 @@ class ForwardModel:
                      coupling_matrices(self.potential, beams))
 
     def solve_tiled(self, kt, out_hkl, tile_invA: float | None = None, beam_cache: dict | None = None,
-                    threads: int | None = None) -> TiledSolution:
+                    threads: int | None = None, symmetry: bool | None = None, dpot: list | None = None,
+                    deriv_thickness_A: float | None = None) -> TiledSolution:
         """Solve many tilts in square tiles of side ``tile_invA`` [Å^-1] in the zone plane.
 
         Each tile has its own beam set, selected for every tilt within the circle circumscribing the
@@ -104,6 +114,13 @@ class ForwardModel:
         beam set across calls: a refinement selects beams once, at its starting structure factors,
         so its objective is smooth (the selection thresholds involve |U_g|).  ``threads``: tiles solved
         concurrently (default :func:`solver_threads`); the numbers do not depend on it.
+        ``symmetry`` (default ``self.symmetry``): solve one tilt of each set related by a mirror or
+        rotation about the zone that keeps the foil normal and the tile grid, and map the others
+        (I_{Sg}(S kt) = I_g(kt), :mod:`stages.physics.tilt_symmetry`); a tilt is mapped only where
+        the image tile's own beam set is the image of the representative's, so the numbers equal
+        the full solve (to rounding, ~1e-13).  ``TiledSolution.n_solved`` counts the tilts solved.
+        ``dpot``, ``deriv_thickness_A``: also the analytic derivatives dI/dp at that thickness
+        (:func:`stages.physics.bloch.solve`; :meth:`TiledSolution.derivatives`).
         """
         tile = self.tile_invA if tile_invA is None else float(tile_invA)
         kt = np.atleast_2d(np.asarray(kt, float))
@@ -116,7 +133,7 @@ class ForwardModel:
         tile_id = tile_id.ravel()
         order = np.argsort(tile_id, kind="stable")
         bounds = np.searchsorted(tile_id[order], np.arange(len(cells) + 1))
-        jobs = []
+        tiles = []
         for t, (cx, cy) in enumerate(cells):
             idx = order[bounds[t]:bounds[t + 1]]
             key = (int(cx), int(cy), tile, out.tobytes())
@@ -126,12 +143,29 @@ class ForwardModel:
                 beams = self.beams(centre, out, radius_invA=tile / np.sqrt(2))
                 if beam_cache is not None:
                     beam_cache[key] = beams
-            jobs.append((idx, beams))
+            tiles.append(((int(cx), int(cy)), idx, beams))
+        use_sym = self.symmetry if symmetry is None else bool(symmetry)
+        tmap = None
+        if use_sym and len(kt):
+            ops = [op for op in self.symmetry_operations() if symmetric_overrides(self.potential, op)
+                   and all(symmetric_values(d, op) for d in (dpot or ()))]  # dI/dp maps too when dU/dp is symmetric
+            tile_beams = {c: b for c, _, b in tiles}
+            tmap = map_tilts(xy, cell, ops, out, beams_of=tile_beams.get)  # also repeated tilts
+        jobs = []  # (solved tilt indices, beams, output beams of the tile)
+        for c, idx, beams in tiles:
+            if tmap is not None:
+                idx = idx[tmap.rep[idx] == idx]
+                if not len(idx):
+                    continue
+                jobs.append((idx, beams, tmap.outputs[c]))
+            else:
+                jobs.append((idx, beams, out))
         self.potential.get(np.zeros((1, 3), int))  # warm the potential's tables before threads share it
 
         def one(job):
-            idx, beams = job
-            return idx, solve(geo, self.potential, beams, kt[idx], out, self.method, coupling_matrices(self.potential, beams))
+            idx, beams, o = job
+            return idx, solve(geo, self.potential, beams, kt[idx], o, self.method, coupling_matrices(self.potential, beams),
+                              dpot=dpot, deriv_thickness_A=deriv_thickness_A)
 
         n_threads = min(solver_threads() if threads is None else int(threads), len(jobs))
         if n_threads > 1:
@@ -139,7 +173,9 @@ class ForwardModel:
                 parts = list(ex.map(one, jobs))
         else:
             parts = [one(j) for j in jobs]
-        return TiledSolution(n_tilts=len(kt), out_hkl=out, parts=parts)
+        if tmap is None:
+            return TiledSolution(n_tilts=len(kt), out_hkl=out, parts=parts)
+        return TiledSolution(n_tilts=len(kt), out_hkl=out, parts=parts, rep=tmap.rep, perm=tmap.perm)
 
     def attrs(self) -> dict:
         return {
@@ -162,18 +198,79 @@ class ForwardModel:
 
 @dataclass
 class TiledSolution:
-    """Eigen-solutions of tilt tiles; intensities for all tilts at any thickness without re-solving."""
+    """Eigen-solutions of tilt tiles; intensities for all tilts at any thickness without re-solving.
+
+    With tilt symmetry only the representative tilts are solved: ``parts`` holds them (indices
+    into the requested tilts), ``rep[i]`` is the representative of tilt i (``rep[i] == i`` when
+    solved) and ``perm[i, j]`` the column of the representative's part holding output beam j of
+    tilt i (a part's columns are its ``sol.out_hkl``: ``out_hkl`` first, then any image beams
+    S^-1(out) that out_hkl lacks).  :meth:`expand` turns per-part arrays into per-tilt ones.
+    """
 
     n_tilts: int
     out_hkl: np.ndarray
-    parts: list  # [(tilt indices, BlochSolution)]
+    parts: list  # [(solved tilt indices, BlochSolution)]
+    rep: np.ndarray | None = None  # (n_tilts,) representative tilt; None: every tilt solved
+    perm: np.ndarray | None = None  # (n_tilts, n_out) column in the representative's part
+
+    def __post_init__(self):
+        n_out = len(self.out_hkl)
+        if self.rep is None:
+            self.rep = np.arange(self.n_tilts)
+        if self.perm is None:
+            self.perm = np.broadcast_to(np.arange(n_out), (self.n_tilts, n_out))
+        part_of = np.full(self.n_tilts, -1, np.int64)
+        row_of = np.full(self.n_tilts, -1, np.int64)
+        for p, (idx, _) in enumerate(self.parts):
+            part_of[idx] = p
+            row_of[idx] = np.arange(len(idx))
+        rp = part_of[self.rep]
+        if np.any(rp < 0):
+            raise ValueError("a representative tilt is not among the solved tilts")
+        self._members = [np.nonzero(rp == p)[0] for p in range(len(self.parts))]
+        self._rows = [row_of[self.rep[m]] for m in self._members]
+
+    @property
+    def n_solved(self) -> int:
+        """Tilts actually solved (n_tilts without tilt symmetry)."""
+        return int(sum(len(idx) for idx, _ in self.parts))
+
+    def expand(self, per_part, mid_shape: tuple = ()) -> np.ndarray:
+        """Per-part arrays (n_part_tilts, ..., n_part_out), aligned with ``parts``, -> (n_tilts, ..., n_out).
+
+        Tilt i takes row ``rep[i]`` of its representative's part and columns ``perm[i]`` (the last
+        axis is the output beam; the middle axes, e.g. thickness or parameter, are carried along).
+        ``mid_shape``: the middle axes, needed only when there are no parts.
+        """
+        per_part = list(per_part)
+        n_out = len(self.out_hkl)
+        if per_part:
+            a0 = np.asarray(per_part[0])
+            shape = (self.n_tilts,) + a0.shape[1:-1] + (n_out,)
+            dtype = np.result_type(*per_part)
+        else:
+            shape, dtype = (self.n_tilts,) + tuple(mid_shape) + (n_out,), float
+        out = np.empty(shape, dtype)
+        for a, members, rows in zip(per_part, self._members, self._rows):
+            if not len(members):
+                continue
+            b = np.asarray(a)[rows]
+            cols = np.asarray(self.perm[members]).reshape((len(members),) + (1,) * (b.ndim - 2) + (n_out,))
+            out[members] = np.take_along_axis(b, cols, axis=-1)
+        return out
 
     def intensities(self, thickness_A) -> np.ndarray:
         t = check_thickness(thickness_A)
-        out = np.empty((self.n_tilts, len(t), len(self.out_hkl)))
-        for idx, sol in self.parts:
-            out[idx] = sol.intensities(t)
-        return out
+        return self.expand([sol.intensities(t) for _, sol in self.parts], (len(t),))
+
+    def derivatives(self) -> tuple[np.ndarray, float]:
+        """(dI (n_tilts, n_param, n_out), thickness [Å]): the analytic derivatives solved with the
+        tiles (``solve_tiled(..., dpot=..., deriv_thickness_A=...)``)."""
+        first = self.parts[0][1] if self.parts else None
+        if first is None or first.dI is None:
+            raise ValueError("this solution was solved without derivatives (give dpot and deriv_thickness_A)")
+        out = self.expand([sol.dI for _, sol in self.parts])
+        return out, float(first.dI_thickness_A)
 
     @property
     def n_beams(self) -> list[int]:
