@@ -98,6 +98,7 @@ def test_levenberg_marquardt_noise_free_in_few_solves(si):
     assert np.all(np.abs(res.gauss_newton_step) < 0.1 * res.sigma)
 
 
+@pytest.mark.slow
 def test_levenberg_marquardt_lands_on_the_nelder_mead_optimum(si):
     """Poisson noise: LM (4 solves measured) and a long Nelder-Mead run (26 solves) agree within 0.1 sigma
     in every parameter (measured <= 0.06), with the same standard errors to 1 %."""

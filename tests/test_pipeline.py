@@ -352,3 +352,43 @@ def test_coarse_stage_feeds_fine(small, tmp_path):
     cfg.write_text(cfg.read_text().replace("search_px = 1.0", "search_px = 2.0"))
     plan2 = _plan(cfg, tmp_path)
     assert {s for s in plan.stages if plan.keys[s] != plan2.keys[s]} == {"coarse", "fine", "report"}
+
+
+def test_levenberg_marquardt_run_resumes_exactly(small, tmp_path):
+    """refine.optimizer = "levenberg-marquardt" through the pipeline: a checkpoint row per step; a run
+    stopped after its first step continues to the same bits as an uninterrupted one, and the counters
+    show one eigen-solve per step after the two of the start."""
+    text = Path(small).read_text()
+    assert "max_iterations = 3" in text
+    cfg_lm = tmp_path / "lm" / Path(small).name
+    cfg_lm.parent.mkdir()
+    for f in Path(small).parent.iterdir():
+        if f.is_file() and f.name != Path(small).name:
+            shutil.copy(f, cfg_lm.parent / f.name)
+    cfg_lm.write_text(text.replace("max_iterations = 3", 'max_iterations = 20\noptimizer = "levenberg-marquardt"'))
+    full = P.make_plan(C.load_config(cfg_lm), tmp_path / "full")
+    P.run_all(full, say=_quiet)
+    part = P.make_plan(C.load_config(cfg_lm), tmp_path / "part")
+    P.run_all(part, say=_quiet, until="variance")
+
+    class Stop(Exception):
+        pass
+
+    def say(msg):
+        if "step   1" in msg:
+            raise Stop
+
+    with pytest.raises(Stop):
+        P.run_stage(part, "fine", say=say)
+    tr = P.TraceStore(part.run_dir / P.TRACE).open(part.trace_key)
+    assert tr["iteration"].tolist() == [1] and tr["attrs"]["optimizer"] == "levenberg-marquardt"
+    lines = []
+    assert P.run_stage(part, "fine", say=lines.append) == "resumed"
+    assert any("resuming after Levenberg-Marquardt step 1" in m for m in lines)
+    a = xr.open_zarr(full.store("fine"), consolidated=False)
+    b = xr.open_zarr(part.store("fine"), consolidated=False)
+    np.testing.assert_array_equal(a.value.values, b.value.values)
+    np.testing.assert_array_equal(a.sigma.values, b.sigma.values)
+    c = json.loads(a.attrs["counters"])
+    assert c["optimizer"] == "levenberg-marquardt"
+    assert c["eigen_solves"] == c["eigen_solves_start"] + c["lm_steps"] == 2 + c["lm_steps"]
