@@ -430,30 +430,8 @@ class FineProblem:
         nf = self.n_free()
         if "thickness" in self._names and self.thickness_scan > 0:
             g0 = {**g0, "thickness": self._scan_thickness(sol, g0, nf)}
-        names = self._names
-        if not names:
-            fit = self.gof_at(sol, g0)
-            self.counters["inner_s"] += time.perf_counter() - t0
-            return self.gof.reduced(fit, nf), g0, fit
-        steps = np.array([self._step(n) for n in names])
-        x0 = np.array([g0[n] for n in names]) / steps
-        lower, upper = self._bounds(g0, names, steps)
-        def f(x):
-            # the box is enforced by a penalty, not by Powell's bounds: with bounds, scipy searches each
-            # line over the whole box (bounded golden section) and jumps between distant local minima;
-            # without, the line search brackets from the current point (a local search)
-            out = np.maximum(lower - x, 0) + np.maximum(x - upper, 0)
-            if np.any(out > 0):
-                return 1e30 * (1 + float(out.sum()))
-            g = {**g0, **dict(zip(names, x * steps))}
-            return self._safe_reduced(sol, g, nf)
-
-        res = minimize(f, np.clip(x0, lower, upper), method="Powell",
-                       options={"xtol": 1e-3, "ftol": 1e-9, "maxfev": self.inner_maxiter})
-        g = {**g0, **dict(zip(names, res.x * steps))}
-        fit = self.gof_at(sol, g)
         self.counters["inner_s"] += time.perf_counter() - t0
-        return self.gof.reduced(fit, nf), g, fit
+        return self.inner_from(sol, g0, self._names)
 
     def inner_from(self, sol, g: dict, names=None) -> tuple[float, dict, object]:
         """Powell over the geometry parameters ``names`` (default: all but the thickness) at a cached
@@ -470,6 +448,9 @@ class FineProblem:
         x0 = np.clip(np.array([g[n] for n in names]) / steps, lower, upper)
 
         def f(x):
+            # the box is enforced by a penalty, not by Powell's bounds: with bounds, scipy searches each
+            # line over the whole box (bounded golden section) and jumps between distant local minima;
+            # without, the line search brackets from the current point (a local search)
             out = np.maximum(lower - x, 0) + np.maximum(x - upper, 0)
             if np.any(out > 0):
                 return 1e30 * (1 + float(out.sum()))
