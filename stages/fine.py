@@ -801,12 +801,13 @@ def _jacobian(problem: FineProblem, values_sf, g, sol, fit):
     return J, np.where(np.isfinite(r0), r0, 0.0)
 
 
-def _uncertainties(problem: FineProblem, values_sf, g, sol, fit, jac=None):
+def _uncertainties(problem: FineProblem, values_sf, g, sol, fit, jac=None, profiled=None):
     """Standard errors, correlations and the Gauss-Newton step, from the Jacobian J of the profiled
     weighted residuals r at the reported point (:func:`_jacobian`, or ``jac`` when already computed
     there): cov = (J^T J)^-1 max(1, reduced chi^2) and step = -(J^T J)^-1 J^T r (all parameters
     jointly, linearised: where the least-squares optimum lies from here; a step of several sigma
-    means the search stopped short of it)."""
+    means the search stopped short of it).  ``profiled``: parameters at their optimum by a direct search
+    at this point, whose gradient is taken as 0 (:func:`_lm_proposal`)."""
     J, r = _jacobian(problem, values_sf, g, sol, fit) if jac is None else jac
     n = J.shape[1]
     nf = problem.n_free()
@@ -820,7 +821,10 @@ def _uncertainties(problem: FineProblem, values_sf, g, sol, fit, jac=None):
     except np.linalg.LinAlgError:
         return np.full(n, np.nan), np.full((n, n), np.nan), np.full(n, np.nan)
     cov = inv * red
-    step = -inv @ (J.T @ r)
+    b = J.T @ r
+    if profiled is not None:
+        b = np.where(np.asarray(profiled, bool), 0.0, b)
+    step = -inv @ b
     sig = np.sqrt(np.clip(np.diag(cov), 0, None))
     with np.errstate(invalid="ignore", divide="ignore"):
         corr = cov / np.outer(sig, sig)
@@ -857,19 +861,38 @@ def _free_of_bounds(problem: FineProblem, values_sf, step: np.ndarray) -> np.nda
     return free
 
 
-def _lm_proposal(problem: FineProblem, J: np.ndarray, r: np.ndarray, values_sf, f0: float):
-    """(ratio, damped): the largest |undamped Gauss-Newton step| / sigma over the free parameters, and
-    a function lam -> the damped step (A + lam diag A) d = -J^T r, A = J^T J, with the structure factors
-    held at an end of their range by a step pointing out of it (:func:`_free_of_bounds`) left at 0."""
+def profiled_mask(problem: FineProblem) -> np.ndarray:
+    """Mask over [structure factors, geometry] of the parameters held at their optimum by the inner
+    search at every point (:meth:`FineProblem.inner_from`: the sampling geometry, not the thickness)."""
+    return np.array([False] * len(problem.sf) + [n != "thickness" for n in problem.geometry_names], bool)
+
+
+def _lm_proposal(problem: FineProblem, J: np.ndarray, r: np.ndarray, values_sf, f0: float, profiled=None):
+    """(ratio, damped, step_sigma): the largest |undamped Gauss-Newton step| / sigma over the free
+    parameters that are not profiled, a function lam -> the damped step (A + lam diag A) d = b,
+    A = J^T J, b = -J^T r, with the structure factors held at an end of their range by a step pointing
+    out of it (:func:`_free_of_bounds`) left at 0, and the undamped step / sigma of every parameter.
+
+    ``profiled`` (mask, :func:`profiled_mask`): parameters at their optimum at this point by a direct
+    search of the objective.  Their gradient is zero there (envelope theorem), so their part of b is
+    set to 0: the step of the others is then the Gauss-Newton step of the profiled objective, -S^-1 b_s
+    with S the Schur complement (the same marginal sigmas), and the profiled ones move only by their
+    coupling to it.  Without this, the gradient the linear model sees in a profiled parameter (central
+    differences over +-0.5 px of interpolated data, whose ripple the direct search steps over) pulls
+    every step and never falls below tolerance.  The convergence ratio is taken over the others."""
     A = J.T @ J
     b = -(J.T @ r)
+    prof = np.zeros(len(b), bool) if profiled is None else np.asarray(profiled, bool)
+    b = np.where(prof, 0.0, b)
     inv = np.linalg.pinv(A)
     sig = np.sqrt(np.clip(np.diag(inv), 0, None) * max(1.0, f0))
     free = _free_of_bounds(problem, values_sf, inv @ b)
     gn = np.zeros(len(b))  # the undamped step of the free parameters (those at a range end held)
     gn[free] = np.linalg.pinv(A[np.ix_(free, free)]) @ b[free]
     with np.errstate(invalid="ignore", divide="ignore"):
-        ratio = float(np.nanmax(np.where(sig > 0, np.abs(gn) / sig, 0.0))) if len(sig) else 0.0
+        step_sigma = np.where(sig > 0, gn / sig, 0.0)
+    tested = np.abs(step_sigma)[~prof]
+    ratio = float(np.nanmax(tested)) if tested.size else 0.0
     Af = A[np.ix_(free, free)]
 
     def damped(lam: float) -> np.ndarray:
@@ -877,7 +900,7 @@ def _lm_proposal(problem: FineProblem, J: np.ndarray, r: np.ndarray, values_sf, 
         d[free] = np.linalg.lstsq(Af + lam * np.diag(np.diag(Af)), b[free], rcond=None)[0]
         return d
 
-    return ratio, damped
+    return ratio, damped, step_sigma
 
 
 def _trial(problem: FineProblem, v2, g2: dict):
@@ -924,7 +947,7 @@ def gauss_newton_polish(problem: FineProblem, values_sf, g: dict, sol, fit, step
     for k in range(steps):
         J, r = _jacobian(problem, v, g, sol_v, fit_v)
         info["jac"] = (J, r)
-        ratio, damped = _lm_proposal(problem, J, r, v, f0)
+        ratio, damped, _ = _lm_proposal(problem, J, r, v, f0)
         info["max_step_sigma"] = ratio
         if ratio < tol_sigma:
             info["converged"] = True
@@ -965,7 +988,7 @@ OPTIMIZERS = ("nelder-mead", "levenberg-marquardt")
 
 def levenberg_marquardt(problem: FineProblem, max_steps: int = 200, tol_sigma: float = 0.1, lam0: float = 1e-3,
                         callback=None, on_start=None, state: dict | None = None,
-                        gof_start: float | None = None) -> FineResult:
+                        gof_start: float | None = None, on_proposal=None) -> FineResult:
     """Levenberg-Marquardt on the structure factors and the geometry jointly, with the analytic Jacobian.
 
     Start: one eigen-solve at the start structure factors and the inner geometry optimum there (cached
@@ -975,10 +998,17 @@ def levenberg_marquardt(problem: FineProblem, max_steps: int = 200, tol_sigma: f
     weighted residuals (:func:`_lm_proposal`; structure factors held at a range end when the step points
     out, clipped to their ranges, geometry to :data:`_GN_FLOOR`), then exactly one eigen-solve at the
     candidate with the derivatives at its thickness (:func:`_trial`): kept when the reduced GOF is lower
-    (lam / 10; its Jacobian comes from that solve), else lam x 10.  Converged when the undamped step is
-    below ``tol_sigma`` standard errors in every free parameter (no solve); stopped when lam exceeds
-    1e8 (no lower point along the gradient: converged if that step was below 1 sigma) or after
-    ``max_steps`` steps.
+    (lam / 10; its Jacobian comes from that solve), and the sampling geometry (all but the thickness)
+    re-optimised there by the inner search, else lam x 10.  The sampling geometry is thus profiled: the
+    step of the others is the Gauss-Newton step of the profiled objective (:func:`_lm_proposal`).
+    Candidate and current point are compared on the profiled figure of merit (the inner search runs at
+    the candidate's solution before the comparison).  Converged when that undamped step is below
+    ``tol_sigma`` standard errors in every free structure factor and the thickness (no solve), or when a
+    step whose every component is below 1 sigma is rejected (the optimum is located to better than one
+    standard error and the figure of merit does not resolve it further: its pixel-scale ripple);
+    stopped when lam exceeds 1e8 (converged if that step was below 1 sigma) or after ``max_steps``
+    steps.  ``counters["lm_stop"]`` says which.
+    ``on_proposal(step, step_sigma)``: the undamped step / sigma of every parameter before each step.
 
     ``callback(step, values_sf, geometry, lam, gof, accepted)`` after every step (a checkpoint);
     ``state`` (the last checkpoint: step, values, geometry, lam, gof, accepted) continues an
@@ -1010,28 +1040,32 @@ def levenberg_marquardt(problem: FineProblem, max_steps: int = 200, tol_sigma: f
     if sol is None:
         raise QcbedInputError("refine", "no usable sample at the start geometry", "check the ROI and the geometry")
     J, r = _jacobian(problem, v, g, sol, fit)
-    trace, converged, ratio = [], False, np.inf
+    trace, converged, ratio, stop = [], False, np.inf, "max_steps"
+    prof = profiled_mask(problem)
     while k < max_steps:
-        ratio, damped = _lm_proposal(problem, J, r, v, f)
+        ratio, damped, step_sigma = _lm_proposal(problem, J, r, v, f, profiled=prof)
+        if on_proposal is not None:
+            on_proposal(k, step_sigma)
         if ratio < tol_sigma:
-            converged = True
+            converged, stop = True, f"step below {tol_sigma:g} sigma"
             break
         if lam > 1e8:
-            converged = ratio < 1.0
+            converged, stop = ratio < 1.0, "lambda above 1e8"
             break
         v2, g2 = _stepped(problem, v, g, damped(lam))
         s2, fit2, f2 = _trial(problem, v2, g2)
         k += 1
+        if np.isfinite(f2):
+            # the profiled figure of merit at the candidate: the sampling geometry (not the thickness) to
+            # its optimum at this solution, cheaply (cached solution; Powell's line searches step over the
+            # pixel-scale ripple of interpolated data that Gauss-Newton steps can only crawl along), so
+            # that the candidate and the current point are compared on the same objective
+            fp, gp, fitp = problem.inner_from(s2, g2)
+            if float(fp) <= f2:  # never worse than the step's own point
+                f2, g2, fit2 = float(fp), gp, fitp
         accepted = bool(np.isfinite(f2) and f2 < f)
         if accepted:
-            v, sol = v2, s2
-            # the sampling geometry (not the thickness) to its optimum at this solution, cheaply (cached
-            # solution): Powell's line searches step over the pixel-scale ripple of interpolated data
-            # that Gauss-Newton steps can only crawl along
-            f, g, fit = problem.inner_from(sol, g2)
-            f = float(f)
-            if not f <= f2:  # never worse than the step's own point
-                f, g, fit = f2, g2, fit2
+            v, sol, f, g, fit = v2, s2, f2, g2, fit2
             lam = max(lam / 10.0, 1e-9)
             n_acc += 1
             J, r = _jacobian(problem, v, g, sol, fit)
@@ -1040,17 +1074,23 @@ def levenberg_marquardt(problem: FineProblem, max_steps: int = 200, tol_sigma: f
         trace.append((k, v.tolist(), float(f)))
         if callback is not None:
             callback(k, v, {n: float(g[n]) for n in names_g}, lam, float(f), n_acc)
+        if not accepted and ratio < 1.0:
+            # the whole remaining step is inside one standard error and the profiled figure of merit does
+            # not go down along it: the optimum is located to better than the data resolve it
+            converged, stop = True, "rejected step below 1 sigma"
+            break
     apply_sf(problem.model, sf, v)
     names = [p.label for p in sf] + names_g
     values = np.concatenate([v, [g[n] for n in names_g]])
     exp_b, sim_b, used_b = _fit_arrays(problem, sol, g, fit)
     fit_arrays = {"exp": exp_b, "sim": sim_b, "model": np.asarray(fit.model, float),
                   "residual": np.asarray(fit.residual, float), "used": used_b}
-    sigma, corr, step = _uncertainties(problem, v, g, sol, fit, jac=(J, r))
+    sigma, corr, step = _uncertainties(problem, v, g, sol, fit, jac=(J, r), profiled=prof)
     counters = dict(problem.counters)
     counters.update({"optimizer": "levenberg-marquardt", "outer_evaluations": k, "outer_iterations": k,
                      "lm_steps": k, "lm_accepted": n_acc, "lm_rejected": k - n_acc,
-                     "lm_lambda": lam, "lm_max_step_sigma": float(ratio), "eigen_solves_start": start_solves,
+                     "lm_lambda": lam, "lm_max_step_sigma": float(ratio), "lm_stop": stop,
+                     "eigen_solves_start": start_solves,
                      "resumed_from_step": int(state["step"]) if state else -1,
                      "outer_s": time.perf_counter() - t_start, "total_s": time.perf_counter() - t_start})
     dof = int(fit.n_points - fit.n_linear - nf)

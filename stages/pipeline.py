@@ -677,8 +677,14 @@ def _run_fine_lm(plan: Plan, problem, key: str, say=_say) -> dict:
         vals = " ".join(f"{n}={x:.6g}" for n, x in zip(names, v))
         say(f"{prefix}: step {k:3d}  {problem.gof.name} {f:.6g}  lambda {lam:.1e}  {vals}")
 
+    all_names = names + list(gnames)
+
+    def proposal(k, step_sigma):
+        ratios = " ".join(f"{n}={x:+.2g}" for n, x in zip(all_names, step_sigma))
+        say(f"{prefix}: Gauss-Newton step / sigma before step {k + 1}: {ratios}")
+
     res = levenberg_marquardt(problem, max_steps=int(r.get("max_iterations", 200)), callback=checkpoint,
-                              on_start=started, state=state, gof_start=gof_start)
+                              on_start=started, state=state, gof_start=gof_start, on_proposal=proposal)
     full = trace.open(key)
     resumed = None if state is None else state["step"]
     ds = fine_dataset(problem, res, full, resumed_from=resumed)

@@ -214,7 +214,18 @@ def _hermitian_parts(M: np.ndarray, out_idx: np.ndarray, full: bool = False):
     MH = np.conj(np.swapaxes(M, 1, 2))
     H, A = 0.5 * (M + MH), -0.5j * (M - MH)
     del MH
-    if np.abs(H.imag).max() <= 1e-13 * np.abs(H.real).max() and np.abs(A.imag).max() <= 1e-13 * np.abs(A.real).max():
+    real = np.abs(H.imag).max() <= 1e-13 * np.abs(H.real).max()
+    if np.abs(A).max() <= 1e-15 * np.abs(H).max():
+        # no absorption (M Hermitian to rounding): H's eigen-solution is the exact one, in any basis of a
+        # degenerate space; B0 unitary, so alpha = B0^H e_000 and the vectors' inverse is B0^H
+        w, B0 = np.linalg.eigh(H.real if real else H)
+        B0 = B0.astype(complex, copy=False)
+        zero = np.zeros(nt)
+        if full:
+            W = np.conj(np.swapaxes(B0, 1, 2))
+            return (w.astype(complex), B0[:, out_idx, :], W[:, :, 0].copy(), B0, W), zero, zero
+        return (w.astype(complex), B0[:, out_idx, :], np.conj(B0[:, 0, :])), zero, zero
+    if real and np.abs(A.imag).max() <= 1e-13 * np.abs(A.real).max():
         # centrosymmetric structure, origin at the inversion centre (U, U' real): real symmetric H and A,
         # real eigh and real products (about 3x faster); the dropped imaginary parts are round-off
         w, B0 = np.linalg.eigh(H.real)
