@@ -5,7 +5,8 @@ Sections (relative paths resolve against the config file's folder)::
     [crystal]      file = "si.cif"  (or inline: name, cell, spacegroup, [[crystal.atoms]])
     [microscope]   hv_kV, zone = [u, v, w], x_axis = [h, k, l], normal = [u, v, w] (optional)
     [simulation]   thickness_A, scattering_table, absorption, absorption_fraction, solver,
-                   g_max, sg_max, sg_strong, bethe, tile_invA (all optional but thickness_A)
+                   g_max, sg_max, sg_strong, bethe, tile_invA, beam_accuracy (all optional but
+                   thickness_A; beam_accuracy: stages/physics/beam_probe.py)
     [pattern]      see stages/load.py
     [geometry]     gl_px, rotation_deg, centre_px = [row, col], tilt0 = [h, k, l] or
                    tilt0_xy_invA = [x, y] (tilt of the display origin along e_x, e_y),
@@ -49,7 +50,7 @@ from .simulate import ForwardModel
 SECTIONS = {"crystal", "microscope", "simulation", "pattern", "geometry", "roi", "refine", "coarse", "run"}
 MICROSCOPE_KEYS = {"hv_kV", "zone", "x_axis", "normal"}
 SIMULATION_KEYS = {"thickness_A", "scattering_table", "absorption", "absorption_fraction", "solver",
-                   "g_max", "sg_max", "sg_strong", "bethe", "tile_invA"}
+                   "g_max", "sg_max", "sg_strong", "bethe", "tile_invA", "beam_accuracy"}
 GEOMETRY_KEYS = {"gl_px", "rotation_deg", "centre_px", "tilt0", "tilt0_xy_invA", "shift_px", "disk_shift_px",
                  "scale_y", "flip"}
 ROI_KEYS = {"disks", "regions", "padding", "disk_mask"}
@@ -706,7 +707,8 @@ SCHEMA: dict[str, _Table] = {
                           "absorption_fraction": _chk_number(ge=0.0, lt=1.0, fix="typical values are 0.02-0.1"),
                           "solver": _chk_string(("general", "hermitian", "auto")),
                           "g_max": _POSITIVE, "sg_max": _POSITIVE, "sg_strong": _POSITIVE, "bethe": _boolean,
-                          "tile_invA": _POSITIVE},
+                          "tile_invA": _POSITIVE,
+                          "beam_accuracy": _chk_number(gt=0.0, lt=1.0, fix="a fraction of each disk's maximum, e.g. 0.005")},
                          required=("thickness_A",), fix={"thickness_A": "give the (starting) thickness in Å"}),
     "pattern": _Table({"kind": _chk_string(("cbed", "larbed"), fix='write kind = "cbed" (one image) or "larbed" (one image per reflection)'),
                        "file": _file(), "files": _files, "hkl": _hkl_rows, "hkl_file": _file((".npy",)),

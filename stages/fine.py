@@ -336,7 +336,25 @@ class FineProblem:
         sol = self.model.solve_tiled(self.kt, self.disks, beam_cache=self.beam_cache, **kw)
         self.counters["eigen_solves"] += 1
         self.counters["solve_s"] += time.perf_counter() - t0
+        # which solver the tilts got ('auto' records it per tilt) and how many were solved (tilt symmetry)
+        c = self.counters
+        for _, part in sol.parts:
+            c["tilts_solved"] = c.get("tilts_solved", 0) + int(part.timing.get("n_tilts", len(part.kt)))
+            c["tilts_hermitian"] = c.get("tilts_hermitian", 0) + int(part.timing.get("n_tilts_hermitian", 0))
+            c["tilts_general"] = c.get("tilts_general", 0) + int(part.timing.get("n_tilts_general", 0))
         return sol
+
+    def beam_summary(self) -> dict:
+        """The beam sets the refinement used (one per tile, selected once): counts of strong (matrix) and
+        Bethe beams, and the selection thresholds."""
+        sets = list(self.beam_cache.values())
+        if not sets:
+            return {}
+        ns = [b.n_strong for b in sets]
+        nw = [len(b.weak) for b in sets]
+        return {"tiles": len(sets), "n_strong_min": int(min(ns)), "n_strong_max": int(max(ns)),
+                "n_strong_mean": float(np.mean(ns)), "n_bethe_max": int(max(nw)),
+                "selection": sets[0].selection.as_dict()}
 
     def sim_transform(self, inten: np.ndarray, g: dict) -> np.ndarray:
         """Per-tilt intensities (or their derivatives) (nd, n_roi) -> simulated samples (nd, n_inner):

@@ -423,7 +423,7 @@ def compute_coarse(plan: Plan) -> xr.Dataset:
     cfg = plan.cfg
     c = cfg.section("coarse")
     pattern = open_store(plan.store("load"))
-    model = _model(cfg)
+    model, probe = sized_model(plan, "coarse")
     pg = C.pattern_geometry(cfg, model)
     t0 = C.thickness_of(cfg)
     disks = np.array(c["disks"], int) if "disks" in c else C.roi_disks(cfg, pattern)
@@ -465,7 +465,8 @@ def compute_coarse(plan: Plan) -> xr.Dataset:
                 "scan_thickness_A": ("scan", np.asarray(scan.get("thickness_A", []), float), {"units": "Å"})},
         attrs={"thickness_A": float(res.thickness_A), "ncc": float(res.ncc), "shift_px": list(res.shift_px),
                "geometry": json.dumps(res.geometry.as_dict()), "at_edge": int(res.at_edge),
-               "at_bound": int(res.at_bound), "counters": json.dumps(res.counters), "steps": json.dumps(steps)})
+               "at_bound": int(res.at_bound), "counters": json.dumps(res.counters), "steps": json.dumps(steps),
+               "beam_probe": json.dumps(probe)})
     return ds
 
 
@@ -485,12 +486,54 @@ def _geometry_from_json(model, text: str):
                                                                                for k, v in g.items()})
 
 
+def probe_thicknesses_A(cfg: C.RunConfig) -> np.ndarray:
+    """Thicknesses [Å] at which the beam probe checks its accuracy: the coarse thickness bracket when
+    there is a coarse stage, else the start thickness ± 10 %."""
+    t0 = C.thickness_of(cfg)
+    lo, hi = 0.9 * t0, 1.1 * t0
+    if coarse_enabled(cfg):
+        lo, hi = (float(x) for x in cfg.section("coarse").get("thickness_bracket_A", [0.8 * t0, 1.2 * t0]))
+    return np.linspace(lo, hi, 5)
+
+
+def sized_model(plan: Plan, stage: str):
+    """(model, probe record): the run's forward model with the beam selection of the convergence probe
+    (stages/physics/beam_probe.py) for the ROI's tilts and disks, at ``simulation.beam_accuracy``; a
+    configured ``simulation.sg_strong`` is kept and only measured.  The fine stage takes the coarse
+    stage's probe from coarse.zarr (the same inputs give the same selection; its key includes
+    coarse's)."""
+    from dataclasses import replace
+
+    from .physics.beam_probe import DEFAULT_ACCURACY, probe_selection
+
+    cfg = plan.cfg
+    model = _model(cfg)
+    if stage == "fine" and "coarse" in plan.keys:
+        rec = open_store(plan.store("coarse")).attrs.get("beam_probe")
+        if rec:
+            probe = json.loads(rec)
+            model.selection = replace(model.selection, sg_strong=float(probe["sg_strong"]))
+            return model, probe
+    roi = open_store(plan.store("roi"))
+    disks = np.stack([roi.h.values, roi.k.values, roi.l.values], 1).astype(int)
+    s = cfg.section("simulation")
+    res = probe_selection(model, roi.kt.values, disks, probe_thicknesses_A(cfg),
+                          float(s.get("beam_accuracy", DEFAULT_ACCURACY)), fixed="sg_strong" in s)
+    model.selection = res.selection
+    probe = res.as_dict()
+    if not res.met:
+        _say(f"[{plan.run_dir.name}] {stage}: beam probe: the largest beam set tried (sg_strong {res.selection.sg_strong}) "
+             f"is {100 * res.error:.2f} % of a disk's maximum from the reference, above the target "
+             f"{100 * res.accuracy:.2f} % (simulation.beam_accuracy); the run goes on with it")
+    return model, probe
+
+
 def fine_problem(plan: Plan):
     """The FineProblem of a run, built from its stores (pattern, roi, variance, coarse)."""
     cfg = plan.cfg
     pattern = open_store(plan.store("load"))
     roi = open_store(plan.store("roi"))
-    model = _model(cfg)
+    model, probe = sized_model(plan, "fine")
     pg = C.pattern_geometry(cfg, model)
     coarse = None
     if "coarse" in plan.keys:
@@ -505,6 +548,7 @@ def fine_problem(plan: Plan):
         problem = C.fine_problem(cfg, model, pg, pattern, roi)
         if coarse is not None:
             problem.thickness0 = float(coarse.attrs["thickness_A"])
+    problem.beam_probe = probe
     return problem
 
 
@@ -769,6 +813,8 @@ def fine_dataset(problem, res, trace: dict | None, resumed_from=None) -> xr.Data
         "geometry": json.dumps(geo), "pattern_geometry": json.dumps(problem._pg(res.geometry).as_dict()),
         "counters": json.dumps(res.counters), "resumed_from_iteration": -1 if resumed_from is None else int(resumed_from),
         "disks": json.dumps(problem.disks.tolist()),
+        "beams": json.dumps(problem.beam_summary()),
+        "beam_probe": json.dumps(getattr(problem, "beam_probe", None) or {}),
     })
     if has_zncc:
         ds.attrs.update({"zncc_mean_start": zncc_mean(zn0), "zncc_mean": zncc_mean(zn)})

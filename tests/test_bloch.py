@@ -257,3 +257,52 @@ def test_tiles_solved_on_threads_give_identical_numbers(si, monkeypatch):
     monkeypatch.setenv("QCBED_THREADS", "zero")
     with pytest.raises(QcbedInputError, match="QCBED_THREADS"):
         m.solve_tiled(kt, out)
+
+
+def _si_origin1(tmp_path):
+    """Si in Fd-3m origin choice 1 (atom at 0 0 0; inversion centre at 1/8 1/8 1/8: complex U_g)."""
+    from stages.physics.crystal_io import load_crystal
+    p = tmp_path / "si1.toml"
+    p.write_text('name = "Si1"\ncell = [5.43102, 5.43102, 5.43102, 90.0, 90.0, 90.0]\nspacegroup = "F d -3 m:1"\n'
+                 '[[atoms]]\nlabel = "Si"\nxyz = [0.0, 0.0, 0.0]\nB = 0.4632\n')
+    return load_crystal(p)
+
+
+@pytest.mark.parametrize("method", ["general", "hermitian", "auto"])
+def test_origin_at_the_inversion_centre_changes_nothing_but_speed(si, tmp_path, monkeypatch, method):
+    """Origin choice 1 of Fd-3m: the couplings are taken about the inversion centre (real, so the
+    hermitian solver runs in real arithmetic); intensities, amplitudes and analytic derivatives equal
+    the crystal's own origin (the couplings' phases switched off) and the origin-2 crystal to rounding."""
+    from stages.physics import bloch
+    from stages.fine import apply_sf, sf_params_from_config, sf_potential_derivatives
+    cr1 = _si_origin1(tmp_path)
+    assert np.allclose(cr1.inversion_centre, 0.125) and si.inversion_centre is not None and not np.any(si.inversion_centre)
+    kt_xy = [(0.0, 0.0), (0.011, -0.004), (0.03, 0.02)]
+    res = {}
+    for label, cr, shift in (("o1", cr1, True), ("o1 raw", cr1, False), ("o2", si, True)):
+        if not shift:
+            monkeypatch.setattr(bloch, "origin_phases", lambda pot, hkl: None)
+        m = ForwardModel(cr, 200.0, (1, 1, 0), absorption="proportional", absorption_fraction=0.05, method=method)
+        kt = np.stack([m.geometry.kt_from_xy(x, y) for x, y in kt_xy])
+        beams = m.beams(kt)
+        coup = bloch.coupling_matrices(m.potential, beams)
+        if label == "o1":
+            H, A = 0.5 * (coup.ss + coup.ss.conj().T), -0.5j * (coup.ss - coup.ss.conj().T)  # U and U' parts
+            assert coup.phase is not None and max(np.abs(H.imag).max(), np.abs(A.imag).max()) < 1e-15 * np.abs(H).max()
+        params = sf_params_from_config(m, [{"hkl": [1, 1, 1], "refine": ["U"]}])
+        dpot = sf_potential_derivatives(m, params, [p.x0 for p in params])
+        sol = solve(m.geometry, m.potential, beams, kt, None, method, coup, dpot=dpot, deriv_thickness_A=700.0)
+        lut = {tuple(h): i for i, h in enumerate(beams.strong.tolist())}
+        res[label] = (lut, sol.intensities([300.0, 700.0, 2000.0]), sol.amplitudes([700.0]), sol.dI)
+        monkeypatch.undo()
+    lut, i1, a1, d1 = res["o1"]
+    lut_r, ir, ar, dr = res["o1 raw"]
+    assert lut == lut_r
+    np.testing.assert_allclose(i1, ir, atol=1e-12)
+    np.testing.assert_allclose(a1, ar, atol=1e-11)
+    np.testing.assert_allclose(d1, dr, atol=1e-9 * np.abs(dr).max())
+    lut2, i2, _, d2 = res["o2"]
+    common = [h for h in lut if h in lut2]
+    assert len(common) == len(lut)  # the same beams (the selection sees |U_g| only)
+    idx1, idx2 = [lut[h] for h in common], [lut2[h] for h in common]
+    np.testing.assert_allclose(i1[..., idx1], i2[..., idx2], atol=1e-10)

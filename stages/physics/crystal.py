@@ -203,6 +203,19 @@ class Crystal:
     def is_centrosymmetric(self) -> bool:
         return bool(self.sg.is_centrosymmetric())
 
+    @cached_property
+    def inversion_centre(self) -> np.ndarray | None:
+        """Fractional coordinates of a centre of inversion (x -> 2c - x is an operation), or None.
+
+        About it every U_g of the crystal (and every U'_g computed from its atoms) is real: moving the
+        origin there multiplies U_g by exp(2πi g·c), which changes no intensity.
+        """
+        rot, tra = self.symops
+        for R, t in zip(rot, tra):
+            if np.allclose(R, -np.eye(3)):
+                return 0.5 * np.asarray(t, float)
+        return None
+
     # --- unit-cell content -------------------------------------------------------------------
     def beta_of(self, site: AtomSite) -> np.ndarray:
         if site.beta is not None:

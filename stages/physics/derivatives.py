@@ -63,12 +63,13 @@ class CouplingDerivative:
     ws: sp.csr_matrix
 
 
-def coupling_derivatives(beams: BeamSet, dpot: list[dict]) -> list[CouplingDerivative]:
+def coupling_derivatives(beams: BeamSet, dpot: list[dict], phase=None) -> list[CouplingDerivative]:
     """Sparse coupling derivatives for each parameter.
 
     ``dpot``: one dict per parameter, {(h, k, l): d(U_h + i U'_h)/dp} over the reflections the
     parameter changes (all symmetry equivalents and Friedel mates, with their phases).  A coupling
     between beams g and h is U_{g-h}, so the derivative has an entry wherever g - h is a key.
+    ``phase``: the beam phases of the couplings' origin (``CouplingMatrices.phase``), applied alike.
     """
     s, w = beams.strong, beams.weak
     ns = len(s)
@@ -89,6 +90,8 @@ def coupling_derivatives(beams: BeamSet, dpot: list[dict]) -> list[CouplingDeriv
         pos = np.clip(np.searchsorted(kk, keys), 0, len(kk) - 1)
         hit = kk[pos] == keys
         full = np.where(hit, vals[pos], 0.0)
+        if phase is not None:
+            full = np.conj(phase)[:, None] * full * phase[None, :]
         out.append(CouplingDerivative(sp.csr_matrix(full[:ns, :ns]), sp.csr_matrix(full[:ns, ns:]),
                                       sp.csr_matrix(full[ns:, :ns])))
     return out
