@@ -429,6 +429,8 @@ def summarize(run_dir) -> dict:
         "fit": fit_statistics(fine),
         "geometry": json.loads(a["geometry"]), "geometry_table": _geometry_table(fine), "pattern_geometry": pg,
         "counters": json.loads(a["counters"]),
+        "beams": json.loads(a.get("beams", "{}") or "{}"),
+        "beam_probe": json.loads(a.get("beam_probe", "{}") or "{}"),
         "resumed_from_iteration": None if a.get("resumed_from_iteration", -1) < 0 else int(a["resumed_from_iteration"]),
         "iterations": int(fine.iteration.values[-1]) if "iteration" in fine.coords and fine.sizes.get("iteration") else 0,
         "reproducibility": _reproducibility(st),
@@ -470,6 +472,12 @@ def range_end(value: float, lo: float, hi: float, fraction: float = RANGE_END_FR
 
 def _warnings(s: dict) -> list[str]:
     w = []
+    pr = s.get("beam_probe") or {}
+    if pr and not pr.get("met", True):
+        w.append(f"The beam sets are {100 * pr['error']:.2f} % of a disk's maximum from the probe's reference, above "
+                 f"the target {100 * pr['accuracy']:.2f} % (simulation.beam_accuracy): "
+                 + ("raise simulation.sg_strong or remove it (the probe then sizes the beam sets)."
+                    if len(pr.get("ladder", [])) == 1 else "the largest beam set tried was used; raise simulation.sg_max."))
     if not s["converged"]:
         w.append(f"The refinement did not converge within {s['iterations']} iterations: the values are the best point "
                  "so far (raise refine.max_iterations or set refine.gauss_newton_steps; the run continues from its "
@@ -687,6 +695,24 @@ def _fit_summary_rows(s: dict) -> tuple[list[str], list[list[Cell]]]:
         [Cell("time in geometry searches"), N(c.get("inner_s"), key="counters/inner_s", digits=3, unit="s")],
         [Cell("total refinement time"), N(c.get("total_s"), key="counters/total_s", digits=3, unit="s")],
     ]
+    if c.get("lm_stop"):
+        rows.append([Cell("Levenberg-Marquardt: steps (kept), stop"),
+                     Cell(f"{c.get('lm_steps')} ({c.get('lm_accepted')}): {c['lm_stop']}; largest remaining step "
+                          f"{fmt(c.get('lm_max_step_sigma'), digits=2)} sigma (structure factors and thickness)")])
+    if c.get("tilts_solved") is not None:
+        rows.append([Cell("tilts solved (all eigen-solves): hermitian / general"),
+                     Cell(f"{c['tilts_solved']}: {c.get('tilts_hermitian', 0)} / {c.get('tilts_general', 0)}")])
+    b, pr = s.get("beams") or {}, s.get("beam_probe") or {}
+    if b:
+        rows.append([Cell("beam sets (tiles), strong beams per tile, Bethe beams (max)"),
+                     Cell(f"{b['tiles']}, {b['n_strong_min']}-{b['n_strong_max']} (mean {b['n_strong_mean']:.0f}), "
+                          f"{b['n_bethe_max']}")])
+    if pr:
+        rows.append([Cell("beam probe: sg_strong, error / target (of each disk's maximum)"),
+                     Cell(f"{pr['sg_strong']} 1/Å, {100 * pr['error']:.2f} % / {100 * pr['accuracy']:.2f} % "
+                          f"({'met' if pr['met'] else 'NOT met'}; worst beam {_hkl_label(pr['worst_beam'])}; "
+                          f"reference up to {pr['n_reference_max']} beams, {pr['n_probe_tilts']} tilts, "
+                          f"{pr['wall_s']:.1f} s)", value=pr["error"], key="beam_probe/error")])
     if s.get("resumed_from_iteration") is not None:
         rows.append([Cell("resumed after iteration"), N(s["resumed_from_iteration"])])
     if s.get("coarse") and s["coarse"].get("wall_s") is not None:
