@@ -522,9 +522,11 @@ def sized_model(plan: Plan, stage: str):
     model.selection = res.selection
     probe = res.as_dict()
     if not res.met:
-        _say(f"[{plan.run_dir.name}] {stage}: beam probe: the largest beam set tried (sg_strong {res.selection.sg_strong}) "
-             f"is {100 * res.error:.2f} % of a disk's maximum from the reference, above the target "
-             f"{100 * res.accuracy:.2f} % (simulation.beam_accuracy); the run goes on with it")
+        which = (f"the configured simulation.sg_strong = {res.selection.sg_strong}" if "sg_strong" in s else
+                 f"the largest beam set tried (sg_strong {res.selection.sg_strong})")
+        _say(f"[{plan.run_dir.name}] {stage}: beam probe: {which} is {100 * res.error:.2f} % of a disk's maximum from "
+             f"the reference, above the target {100 * res.accuracy:.2f} % (simulation.beam_accuracy); the run goes on "
+             f"with it")
     return model, probe
 
 
@@ -678,7 +680,7 @@ def run_fine(plan: Plan, say=_say) -> dict:
 
 
 #: refine.optimizer when the config does not name one (README: the evidence for the choice)
-DEFAULT_OPTIMIZER = "nelder-mead"
+DEFAULT_OPTIMIZER = "levenberg-marquardt"
 
 
 def _run_fine_lm(plan: Plan, problem, key: str, say=_say) -> dict:

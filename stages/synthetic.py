@@ -184,7 +184,7 @@ def write_example(folder: str | Path, name: str, counts: np.ndarray, truth: dict
 
 def write_small_larbed_run(folder: str | Path, name: str = "small", *, seed: int = 0, thickness_A: float = 900.0,
                            u_factor: float = 0.97, size: int = 20, roi_half: int = 6, max_iterations: int = 60,
-                           refine_u222: bool = False) -> Path:
+                           refine_u222: bool = False, optimizer: str = "nelder-mead") -> Path:
     """A small synthetic Si LARBED run (pattern, variance, truth and config.toml) for pipeline tests and
     benchmarks: 4 disks (000, ±1-1-1, 2-2-2) of size x size tilts, 200 kV, true U(1-1-1) = u_factor x IAM,
     Poisson noise at 1e4 counts; the config refines U(1-1-1) (and U(2-2-2)) with thickness and shift from
@@ -253,6 +253,7 @@ reflections = [
 {refl}]
 geometry = ["thickness", "shift"]
 max_iterations = {max_iterations}
+optimizer = "{optimizer}"
 """
     path = folder / f"{name}.toml"
     path.write_text(text)

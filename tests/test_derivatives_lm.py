@@ -27,21 +27,26 @@ def _dpot(pot, crystal, hkl, u):
     return {tuple(r): c for r, c in zip(rel, (pair[0] - pair[1]) / 2e-9)}
 
 
+@pytest.mark.parametrize("method", ["general", "hermitian"])
 @pytest.mark.parametrize("frac", [0.0, 0.05])
 @pytest.mark.parametrize("hkl", [(1, -1, 1), (2, -2, 0), (0, 0, 4)])
-def test_derivatives_match_central_differences(si, hkl, frac):
+def test_derivatives_match_central_differences(si, hkl, frac, method):
     """dI_g(t)/dU_h analytic (Daleckii-Krein on the one eigen-solution, Bethe beams included) against central
     differences of re-solved intensities, Si [110] 200 kV, the exact zone axis (degenerate Bloch waves) and
-    two tilts, 800 Å, with and without proportional absorption.  Measured: <= 3e-8 relative to the largest
-    derivative (the differences' own truncation and round-off, step 1e-5 of U); tolerance 1e-5."""
+    two tilts, 800 Å, with and without proportional absorption, from either solver's eigen-solution (the
+    differences of the exact 'general' intensities).  Measured: <= 3e-8 relative to the largest derivative
+    (the differences' own truncation and round-off, step 1e-5 of U) for 'general', and for 'hermitian'
+    without absorption (its solution is then exact); tolerance 1e-5.  'hermitian' with U'/U = 0.05: 3.5e-4
+    to 3.0e-3, the approximation of its eigen-solution (third order in the absorption), which its
+    derivatives inherit; tolerance 5e-3."""
     m = ForwardModel(si, 200.0, (1, 1, 0), absorption="proportional" if frac else "none", absorption_fraction=frac)
     kt = m.geometry.kt_from_xy(np.array([0.0, 0.01, 0.03]), np.array([0.0, 0.004, -0.02]))
     beams = m.beams(kt, OUT)
     pot = m.potential
     u0 = float(pot.get([hkl])[0][0].real)
-    sol = solve(m.geometry, pot, beams, kt, OUT, "general", dpot=[_dpot(pot, si, hkl, u0)], deriv_thickness_A=800.0)
+    sol = solve(m.geometry, pot, beams, kt, OUT, method, dpot=[_dpot(pot, si, hkl, u0)], deriv_thickness_A=800.0)
     np.testing.assert_allclose(sol.intensities([800.0])[:, 0, :],
-                               solve(m.geometry, pot, beams, kt, OUT, "general").intensities([800.0])[:, 0, :],
+                               solve(m.geometry, pot, beams, kt, OUT, method).intensities([800.0])[:, 0, :],
                                atol=1e-12)
     h = 1e-5 * abs(u0)
     fd = []
@@ -51,7 +56,7 @@ def test_derivatives_match_central_differences(si, hkl, frac):
     pot.set(hkl, U=u0)
     fd = (fd[0] - fd[1]) / (2 * h)
     err = np.abs(sol.dI[:, 0, :] - fd).max() / np.abs(fd).max()
-    assert err < 1e-5, err
+    assert err < (5e-3 if method == "hermitian" and frac else 1e-5), err
     assert beams.weak.size  # the Bethe terms are exercised
 
 

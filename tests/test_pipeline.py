@@ -365,7 +365,7 @@ def test_levenberg_marquardt_run_resumes_exactly(small, tmp_path):
     for f in Path(small).parent.iterdir():
         if f.is_file() and f.name != Path(small).name:
             shutil.copy(f, cfg_lm.parent / f.name)
-    cfg_lm.write_text(text.replace("max_iterations = 3", 'max_iterations = 20\noptimizer = "levenberg-marquardt"'))
+    cfg_lm.write_text(text.replace("max_iterations = 3", "max_iterations = 20").replace('optimizer = "nelder-mead"', 'optimizer = "levenberg-marquardt"'))
     full = P.make_plan(C.load_config(cfg_lm), tmp_path / "full")
     P.run_all(full, say=_quiet)
     part = P.make_plan(C.load_config(cfg_lm), tmp_path / "part")
