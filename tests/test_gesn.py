@@ -2,7 +2,7 @@
 
 The shipped config (data/gesn_lacbed/config.toml) compares the 17 independent images on every
 2nd tilt step over +-56 steps; this test runs the same config on a smaller field (+-40 steps, the
-same 2-step grid and PSF) with a short refinement (4 outer iterations), about 20 minutes on 2
+same 2-step grid and PSF) with a short refinement (at most 4 Levenberg-Marquardt steps), about 20 minutes on 2
 cores, and checks what the full run showed (numbers in the README and the issue note): the coarse
 stage finds the thickness in 130-140 nm and aligns every image; IAM + Bird & King absorption + a
 1.5-step Gaussian blur correlate at a mean ZNCC well above 0.9 on this smaller field; the
@@ -43,7 +43,7 @@ def run(tmp_path_factory):
     # the smaller field: +-40 tilt steps on the same 2-step grid
     text = text.replace("corners = [[-56.0, -56.0], [56.0, -56.0], [-56.0, 56.0]], samples = [57, 57]",
                         "corners = [[-40.0, -40.0], [40.0, -40.0], [-40.0, 40.0]], samples = [41, 41]")
-    text = text.replace("box_px = 56.0", "box_px = 40.0").replace("max_iterations = 12", "max_iterations = 4")
+    text = text.replace("box_px = 56.0", "box_px = 40.0").replace("max_iterations = 30", "max_iterations = 4")
     text = text.replace('file = "gesn.toml"', f'file = "{DATA / "gesn_lacbed" / "gesn.toml"}"')
     text = text.replace(f'files = "{cfg["pattern"]["files"]}"', f'files = "{GESN}/GeSn_*.dm3"')
     assert "samples = [41, 41]" in text and "max_iterations = 4" in text and str(GESN) in text
@@ -81,7 +81,8 @@ def test_fit_quality_and_refined_values(run):
     assert 1300.0 <= t <= 1400.0, t  # the authors searched 130-140 nm; measured 1343 Å
     for name in ("U(1 1 1)", "U(2 2 0)", "U(0 0 4)", "U(1 1 3)"):
         v, s, x0 = (float(fi[k].sel(param=name)) for k in ("value", "sigma", "start"))
-        assert abs(v / x0 - 1) < 0.05, (name, v, x0)  # within the refined range of IAM +-5% (measured <= 2.3%)
+        lim = 0.10 if name == "U(1 1 1)" else 0.05  # the configured ranges (IAM +-10 %, +-5 %)
+        assert abs(v / x0 - 1) < lim, (name, v, x0)
         assert 0 < s < 0.05 * abs(x0), (name, s)
 
 
