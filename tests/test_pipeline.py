@@ -354,6 +354,24 @@ def test_coarse_stage_feeds_fine(small, tmp_path):
     assert {s for s in plan.stages if plan.keys[s] != plan2.keys[s]} == {"coarse", "fine", "report"}
 
 
+def test_beam_probe_sizes_the_run_and_is_recorded(small, tmp_path):
+    """Without simulation.sg_strong the coarse stage's probe chooses it; the fine stage uses the same
+    selection (from coarse.zarr), both stores and the report record it, and the target is met."""
+    cfg = _copy_run_config(small, tmp_path / "cfg", "probe", {"sg_strong = 0.02\n": "beam_accuracy = 0.01\n"})
+    cfg.write_text(cfg.read_text() + "\n[coarse]\nthickness_bracket_A = [700.0, 1100.0]\nbox_px = 3.0\nsearch_px = 1.0\n")
+    plan = _plan(cfg, tmp_path)
+    P.run_all(plan, say=_quiet)
+    co = json.loads(xr.open_zarr(plan.store("coarse"), consolidated=False).attrs["beam_probe"])
+    fine = xr.open_zarr(plan.store("fine"), consolidated=False)
+    fp, beams = json.loads(fine.attrs["beam_probe"]), json.loads(fine.attrs["beams"])
+    assert co == fp and fp["met"] and fp["error"] <= 0.01 and fp["accuracy"] == 0.01
+    assert beams["selection"]["sg_strong"] == fp["sg_strong"] and beams["n_strong_max"] >= beams["n_strong_min"] > 1
+    res = json.loads((plan.run_dir / "report" / "results.json").read_text())
+    assert res["beam_probe"]["sg_strong"] == fp["sg_strong"] and res["beams"]["tiles"] == beams["tiles"]
+    c = json.loads(fine.attrs["counters"])
+    assert c["tilts_solved"] == c["tilts_hermitian"] + c["tilts_general"] > 0
+
+
 def test_levenberg_marquardt_run_resumes_exactly(small, tmp_path):
     """refine.optimizer = "levenberg-marquardt" through the pipeline: a checkpoint row per step; a run
     stopped after its first step continues to the same bits as an uninterrupted one, and the counters

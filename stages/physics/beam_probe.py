@@ -98,7 +98,8 @@ def _tile_tilts(model, cell, tile_invA: float) -> np.ndarray:
     return model.geometry.kt_from_xy(x, y)
 
 
-def _solve_tile(model, selection: Selection, cell, tilts, out, tile_invA: float, method: str) -> tuple[np.ndarray, int, int]:
+def _solve_tile(model, selection: Selection, cell, tilts, out, tile_invA: float, method: str) -> tuple:
+    """(solution, strong beams, Bethe beams) of the probe tilts of one tile with its run-time beam set."""
     geo = model.geometry
     centre = geo.kt_from_xy(cell[0] * tile_invA, cell[1] * tile_invA)[None, :]
     saved = model.selection
