@@ -17,7 +17,6 @@ for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_v] = "1"
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -25,23 +24,14 @@ from pathlib import Path  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stages import config as C  # noqa: E402
 from stages.fine import refine  # noqa: E402
-from stages.load import load_pattern  # noqa: E402
-from stages.roi import build_roi, regions_from_config  # noqa: E402
 
 
 def problem(naive: bool = False):
-    cfg = C.load_config(REPO / "data" / "si_cbed" / "config.toml")
-    model = C.forward_model(cfg)
-    pattern = load_pattern(cfg.section("pattern"), cfg.base_dir)
-    pg = C.pattern_geometry(cfg, model)
-    regions, padding = regions_from_config(cfg.section("roi"))
-    roi = build_roi(pattern, pg, regions, C.roi_disks(cfg, pattern), padding)
-    prob = C.fine_problem(cfg, model, pg, pattern, roi)
-    prob.thickness0 = 0.95 * C.thickness_of(cfg)
+    from optimizers import problem as example_problem  # bench/ is on sys.path when run as a script
+
+    _, prob, truth = example_problem("cbed")
     prob.naive = naive
-    truth = json.loads((cfg.base_dir / "si_cbed_truth.json").read_text())
     return prob, truth
 
 
