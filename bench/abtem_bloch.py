@@ -173,14 +173,13 @@ def main(argv=None) -> None:
                 best[name], res[name] = dt, out
     ts, i_sym = res["hermitian+symmetry"]
     i_ab = res["abtem"]
-    i_q = np.transpose(res["hermitian"], (0, 1, 2))  # (nt, nz, nbeams)
-    i_ref = np.transpose(i_sym, (0, 1, 2))
+    i_q, i_ref = res["hermitian"], i_sym  # (nt, nz, nbeams)
 
     print(f"\n{'path':<34} {'time [s]':>9} {'tilts/s':>9} {'abTEM / path':>13}")
     for name in best:
         label = {"abtem": "abTEM (per-tilt kernels)", "hermitian": "qcbed hermitian",
                  "general": "qcbed general", "auto": "qcbed auto",
-                 "hermitian+symmetry": f"qcbed hermitian + tilt symmetry"}[name]
+                 "hermitian+symmetry": "qcbed hermitian + tilt symmetry"}[name]
         print(f"{label:<34} {best[name]:>9.3f} {len(kt) / best[name]:>9.1f} {best['abtem'] / best[name]:>13.2f}")
     print(f"   tilt symmetry: {ts.n_solved} of {len(kt)} tilts solved, max |dI| against the full solve "
           f"{np.abs(i_ref - i_q).max():.1e}")
