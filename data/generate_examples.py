@@ -68,6 +68,9 @@ absorption = "proportional"
 absorption_fraction = 0.02
 solver = "general"
 sg_strong = 0.03
+# the example data were simulated with the zero-order Laue zone only (data/generate_examples.py), so the
+# refinement uses the same model; for measured data leave laue_zones at its default, "auto"
+laue_zones = "zolz"
 """
 
 

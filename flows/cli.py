@@ -531,7 +531,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--sg-strong", type=float, metavar="INV_A", help="excitation error (1/Å) below which beams are diagonalised exactly (default 0.06)")
     s.add_argument("--sg-max", type=float, metavar="INV_A", help="excitation error (1/Å) beyond which beams are dropped (default 1.5)")
     s.add_argument("--no-bethe", action="store_true", help="no Bethe perturbation of weak beams")
-    s.add_argument("--holz", action="store_true", help="include higher-order Laue zone beams")
+    s.add_argument("--holz", action="store_true", help="include the higher-order Laue zones (the affordable HOLZ beam set: strongly coupled HOLZ beams "
+                        "near the Bragg condition exact, the layers by Bethe perturbation; stages/physics/beams.py)")
     s.add_argument("--json", metavar="FILE", help="write the result as JSON")
     s.add_argument("--zarr", metavar="DIR", help="write the result as an xarray Dataset in a zarr store")
     s.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")

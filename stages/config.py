@@ -5,8 +5,9 @@ Sections (relative paths resolve against the config file's folder)::
     [crystal]      file = "si.cif"  (or inline: name, cell, spacegroup, [[crystal.atoms]])
     [microscope]   hv_kV, zone = [u, v, w], x_axis = [h, k, l], normal = [u, v, w] (optional)
     [simulation]   thickness_A, scattering_table, absorption, absorption_fraction, solver,
-                   g_max, sg_max, sg_strong, bethe, tile_invA, beam_accuracy (all optional but
-                   thickness_A; beam_accuracy: stages/physics/beam_probe.py)
+                   g_max, sg_max, sg_strong, bethe, tile_invA, beam_accuracy, laue_zones =
+                   "auto" | "zolz" | "holz" (all optional but thickness_A; beam_accuracy and
+                   laue_zones: stages/physics/beam_probe.py)
     [pattern]      see stages/load.py
     [geometry]     gl_px, rotation_deg, centre_px = [row, col], tilt0 = [h, k, l] or
                    tilt0_xy_invA = [x, y] (tilt of the display origin along e_x, e_y),
@@ -50,7 +51,7 @@ from .simulate import ForwardModel
 SECTIONS = {"crystal", "microscope", "simulation", "pattern", "geometry", "roi", "refine", "coarse", "run"}
 MICROSCOPE_KEYS = {"hv_kV", "zone", "x_axis", "normal"}
 SIMULATION_KEYS = {"thickness_A", "scattering_table", "absorption", "absorption_fraction", "solver",
-                   "g_max", "sg_max", "sg_strong", "bethe", "tile_invA", "beam_accuracy"}
+                   "g_max", "sg_max", "sg_strong", "bethe", "tile_invA", "beam_accuracy", "laue_zones"}
 GEOMETRY_KEYS = {"gl_px", "rotation_deg", "centre_px", "tilt0", "tilt0_xy_invA", "shift_px", "disk_shift_px",
                  "scale_y", "flip"}
 ROI_KEYS = {"disks", "regions", "padding", "disk_mask"}
@@ -158,6 +159,8 @@ def forward_model(cfg: RunConfig, crystal=None) -> ForwardModel:
         if not isinstance(s["bethe"], bool):
             raise QcbedInputError("simulation.bethe", "must be true or false")
         sel["bethe"] = s["bethe"]
+    # "auto" starts from the zero-order Laue zone; the beam probe turns HOLZ on where it matters (pipeline.sized_model)
+    sel["holz"] = laue_zones_of(cfg) == "holz"
     kw = {}
     if "tile_invA" in s:
         kw["tile_invA"] = _number(s["tile_invA"], "simulation.tile_invA", positive=True)
@@ -165,6 +168,21 @@ def forward_model(cfg: RunConfig, crystal=None) -> ForwardModel:
     return ForwardModel(crystal if crystal is not None else crystal_of(cfg), hv, zone, x_axis=x_axis, normal=normal,
                         table=str(s.get("scattering_table", "peng")), absorption=str(s.get("absorption", "none")),
                         absorption_fraction=frac, selection=Selection(**sel), method=str(s.get("solver", "general")), **kw)
+
+
+LAUE_ZONES = ("auto", "zolz", "holz")
+
+
+def laue_zones_of(cfg: RunConfig) -> str:
+    """``simulation.laue_zones``: "zolz" (zero-order Laue zone only), "holz" (every layer, the affordable HOLZ
+    beam set of stages/physics/beams.py) or "auto" (the default: the beam probe measures the ZOLZ model
+    against the HOLZ model at the run's tilts and thicknesses and takes HOLZ where they differ by more than
+    simulation.beam_accuracy)."""
+    v = cfg.section("simulation").get("laue_zones", "auto")
+    if v not in LAUE_ZONES:
+        raise QcbedInputError("simulation.laue_zones", f"must be one of {', '.join(map(repr, LAUE_ZONES))}, got {v!r}",
+                              'write laue_zones = "auto" (the probe decides), "zolz" or "holz"')
+    return v
 
 
 def thickness_of(cfg: RunConfig) -> float:
@@ -707,7 +725,7 @@ SCHEMA: dict[str, _Table] = {
                           "absorption_fraction": _chk_number(ge=0.0, lt=1.0, fix="typical values are 0.02-0.1"),
                           "solver": _chk_string(("general", "hermitian", "auto")),
                           "g_max": _POSITIVE, "sg_max": _POSITIVE, "sg_strong": _POSITIVE, "bethe": _boolean,
-                          "tile_invA": _POSITIVE,
+                          "tile_invA": _POSITIVE, "laue_zones": _chk_string(LAUE_ZONES),
                           "beam_accuracy": _chk_number(gt=0.0, lt=1.0, fix="a fraction of each disk's maximum, e.g. 0.005")},
                          required=("thickness_A",), fix={"thickness_A": "give the (starting) thickness in Å"}),
     "pattern": _Table({"kind": _chk_string(("cbed", "larbed"), fix='write kind = "cbed" (one image) or "larbed" (one image per reflection)'),

@@ -512,13 +512,15 @@ def sized_model(plan: Plan, stage: str):
         rec = open_store(plan.store("coarse")).attrs.get("beam_probe")
         if rec:
             probe = json.loads(rec)
-            model.selection = replace(model.selection, sg_strong=float(probe["sg_strong"]))
+            model.selection = replace(model.selection, sg_strong=float(probe["sg_strong"]),
+                                      holz=probe.get("laue_zones", "zolz") == "holz")
             return model, probe
     roi = open_store(plan.store("roi"))
     disks = np.stack([roi.h.values, roi.k.values, roi.l.values], 1).astype(int)
     s = cfg.section("simulation")
     res = probe_selection(model, roi.kt.values, disks, probe_thicknesses_A(cfg),
-                          float(s.get("beam_accuracy", DEFAULT_ACCURACY)), fixed="sg_strong" in s)
+                          float(s.get("beam_accuracy", DEFAULT_ACCURACY)), fixed="sg_strong" in s,
+                          laue_zones=C.laue_zones_of(cfg))
     model.selection = res.selection
     probe = res.as_dict()
     if not res.met:

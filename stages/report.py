@@ -713,6 +713,15 @@ def _fit_summary_rows(s: dict) -> tuple[list[str], list[list[Cell]]]:
                           f"({'met' if pr['met'] else 'NOT met'}; worst beam {_hkl_label(pr['worst_beam'])}; "
                           f"reference up to {pr['n_reference_max']} beams, {pr['n_probe_tilts']} tilts, "
                           f"{pr['wall_s']:.1f} s)", value=pr["error"], key="beam_probe/error")])
+        if pr.get("laue_zones"):
+            d, asked = pr.get("holz_difference"), pr.get("laue_zones_config")
+            if asked == "auto" and d is not None:
+                why = (f"auto: the ZOLZ and HOLZ models differ by {100 * d:.2f} % of a disk's maximum (beam "
+                       f"{_hkl_label(pr.get('holz_difference_beam') or [0, 0, 0])}; target {100 * pr['accuracy']:.2f} %)")
+            else:
+                why = f'as configured (simulation.laue_zones = "{asked}")'
+            kind = "zero-order Laue zone only (ZOLZ)" if pr["laue_zones"] == "zolz" else "every Laue zone (HOLZ)"
+            rows.append([Cell("Laue zones modelled"), Cell(f"{kind}; {why}", value=d, key="beam_probe/holz_difference")])
     if s.get("resumed_from_iteration") is not None:
         rows.append([Cell("resumed after iteration"), N(s["resumed_from_iteration"])])
     if s.get("coarse") and s["coarse"].get("wall_s") is not None:

@@ -189,6 +189,7 @@ class ForwardModel:
             "absorption_fraction": float(self.absorption_fraction),
             "solver": self.method,
             "beam_selection": json.dumps(self.selection.as_dict()),
+            "laue_zones": "holz" if self.selection.holz else "zolz",
             "mean_inner_potential_V": self.potential.mean_inner_potential_V(),
             "K_invA": self.geometry.K_invA,
             "crystal": json.dumps(self.crystal.summary()),

@@ -231,6 +231,7 @@ g_max = 3.0
 sg_max = 0.5
 sg_strong = 0.02
 tile_invA = 0.5
+laue_zones = "zolz"  # the data were simulated without HOLZ
 
 [pattern]
 kind = "larbed"

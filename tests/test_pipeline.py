@@ -356,8 +356,10 @@ def test_coarse_stage_feeds_fine(small, tmp_path):
 
 def test_beam_probe_sizes_the_run_and_is_recorded(small, tmp_path):
     """Without simulation.sg_strong the coarse stage's probe chooses it; the fine stage uses the same
-    selection (from coarse.zarr), both stores and the report record it, and the target is met."""
-    cfg = _copy_run_config(small, tmp_path / "cfg", "probe", {"sg_strong = 0.02\n": "beam_accuracy = 0.01\n"})
+    selection (from coarse.zarr), both stores and the report record it, and the target is met.  With
+    laue_zones = "auto" the probe measures the ZOLZ model against the HOLZ model and records its choice."""
+    cfg = _copy_run_config(small, tmp_path / "cfg", "probe", {"sg_strong = 0.02\n": "beam_accuracy = 0.01\n",
+                                                               'laue_zones = "zolz"': 'laue_zones = "auto"'})
     cfg.write_text(cfg.read_text() + "\n[coarse]\nthickness_bracket_A = [700.0, 1100.0]\nbox_px = 3.0\nsearch_px = 1.0\n")
     plan = _plan(cfg, tmp_path)
     P.run_all(plan, say=_quiet)
@@ -366,6 +368,10 @@ def test_beam_probe_sizes_the_run_and_is_recorded(small, tmp_path):
     fp, beams = json.loads(fine.attrs["beam_probe"]), json.loads(fine.attrs["beams"])
     assert co == fp and fp["met"] and fp["error"] <= 0.01 and fp["accuracy"] == 0.01
     assert beams["selection"]["sg_strong"] == fp["sg_strong"] and beams["n_strong_max"] >= beams["n_strong_min"] > 1
+    assert fp["laue_zones_config"] == "auto" and fp["laue_zones"] in ("zolz", "holz")
+    assert (fp["holz_difference"] > fp["accuracy"]) == (fp["laue_zones"] == "holz")
+    assert beams["selection"]["holz"] == (fp["laue_zones"] == "holz")
+    assert "Laue zones modelled" in (plan.run_dir / "report" / "report.html").read_text()
     res = json.loads((plan.run_dir / "report" / "results.json").read_text())
     assert res["beam_probe"]["sg_strong"] == fp["sg_strong"] and res["beams"]["tiles"] == beams["tiles"]
     c = json.loads(fine.attrs["counters"])

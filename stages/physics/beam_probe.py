@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import numpy as np
 
@@ -47,9 +48,14 @@ INTENSITY_FLOOR = 1e-4
 
 
 def reference_selection(base: Selection) -> Selection:
-    """The probe's reference: a much larger beam set than any candidate."""
-    return replace(base, sg_strong=min(2 * SG_LADDER[-1], base.sg_max), w_strong=base.w_strong / 4,
-                   w_weak=base.w_weak / 10, bethe=True)
+    """The probe's reference: a much larger beam set than any candidate.  With HOLZ, also three times more
+    HOLZ Bethe beams and a larger pool (sg_max 2.5 1/Å); the HOLZ strong-beam rule is the candidates' (measured
+    within 0.07 % of a reference with every HOLZ beam within 0.08 1/Å of the Bragg condition strong, bench/holz.py)."""
+    ref = replace(base, sg_strong=min(2 * SG_LADDER[-1], base.sg_max), w_strong=base.w_strong / 4,
+                  w_weak=base.w_weak / 10, bethe=True)
+    if base.holz:
+        ref = replace(ref, holz_w_weak=base.holz_w_weak / 3, sg_max=max(base.sg_max, 2.5))
+    return ref
 
 
 @dataclass
@@ -66,12 +72,21 @@ class ProbeResult:
     n_probe_tilts: int = 0
     thickness_A: list = field(default_factory=list)
     wall_s: float = 0.0
+    laue_zones: str = "zolz"  # what the run uses: "zolz" or "holz"
+    laue_zones_config: str = "zolz"  # what was asked: "zolz", "holz" or "auto"
+    #: the ZOLZ model against the HOLZ model at the probe tilts (fraction of each beam's maximum; None: not measured)
+    holz_difference: float | None = None
+    holz_difference_beam: list = field(default_factory=list)
+    ladder_zolz: list = field(default_factory=list)  # the ZOLZ ladder, when "auto" went on to HOLZ
 
     def as_dict(self) -> dict:
         return {"sg_strong": self.selection.sg_strong, "accuracy": self.accuracy, "error": self.error,
                 "met": self.met, "ladder": self.ladder, "worst_beam": self.worst_beam,
                 "n_reference_max": self.n_reference_max,
-                "n_probe_tilts": self.n_probe_tilts, "thickness_A": self.thickness_A, "wall_s": self.wall_s}
+                "n_probe_tilts": self.n_probe_tilts, "thickness_A": self.thickness_A, "wall_s": self.wall_s,
+                "laue_zones": self.laue_zones, "laue_zones_config": self.laue_zones_config,
+                "holz_difference": self.holz_difference, "holz_difference_beam": self.holz_difference_beam,
+                "ladder_zolz": self.ladder_zolz}
 
 
 def probe_tiles(model, kt, tile_invA: float, n_tiles: int = 5) -> list[tuple[int, int]]:
@@ -114,7 +129,7 @@ def _solve_tile(model, selection: Selection, cell, tilts, out, tile_invA: float,
 
 def probe_selection(model, kt, out_hkl, thickness_A, accuracy: float = DEFAULT_ACCURACY,
                     tile_invA: float | None = None, base: Selection | None = None, n_tiles: int = 3, n_sample: int = 32,
-                    ladder=SG_LADDER, fixed: bool = False) -> ProbeResult:
+                    ladder=SG_LADDER, fixed: bool = False, laue_zones: str | None = None) -> ProbeResult:
     """The smallest ``sg_strong`` of ``ladder`` whose intensities (at ``thickness_A`` [Å], for the
     output beams ``out_hkl``) agree with the reference to ``accuracy`` of each beam's maximum.
 
@@ -122,17 +137,67 @@ def probe_selection(model, kt, out_hkl, thickness_A, accuracy: float = DEFAULT_A
     the selection whose other thresholds are kept (default the model's).  ``fixed``: measure only
     ``base`` (a configured ``sg_strong``), choose nothing.  If no rung meets the target, the largest
     is returned with ``met = False`` (the caller warns).  The model is not changed.
+
+    ``laue_zones`` (default: "holz" if ``base.holz`` else "zolz"): "zolz" or "holz" size that model; "auto"
+    sizes the ZOLZ model, then solves the probe tilts with the HOLZ model at the chosen ``sg_strong`` and
+    takes HOLZ when the two differ by more than ``accuracy`` of a beam's maximum (``holz_difference``), in
+    which case the ladder is run again for the HOLZ model against a HOLZ reference.
     """
     if not (np.isfinite(accuracy) and 0 < accuracy < 1):
         raise QcbedInputError("simulation.beam_accuracy", f"must be a fraction in (0, 1), got {accuracy}",
                               "e.g. 0.005 (0.5 % of each disk's maximum)")
     t0 = time.perf_counter()
     base = model.selection if base is None else base
+    zones = laue_zones or ("holz" if base.holz else "zolz")
+    if zones not in ("zolz", "holz", "auto"):
+        raise QcbedInputError("simulation.laue_zones", f"must be 'auto', 'zolz' or 'holz', got {zones!r}")
     tile = float(model.tile_invA if tile_invA is None else tile_invA)
     out = np.atleast_2d(np.asarray(out_hkl, int))
     t = np.atleast_1d(np.asarray(thickness_A, float))
     cells = probe_tiles(model, kt, tile, n_tiles)
     tilts = {c: _tile_tilts(model, c, tile) for c in cells}
+    # each output beam's maximum over the field: a sample of the run's tilts (solved with a small beam set:
+    # the scale needs ~10 % accuracy, not 0.5 %), and the reference probe tilts (in _ladder)
+    kt_all = np.atleast_2d(np.asarray(kt, float))
+    sample = kt_all[np.unique(np.linspace(0, len(kt_all) - 1, min(n_sample, len(kt_all))).astype(int))]
+    saved = model.selection
+    try:
+        model.selection = replace(base, sg_strong=float(min(SG_LADDER[2], base.sg_max)), holz=False)
+        field_max = model.solve_tiled(sample, out, tile_invA=tile, threads=1).intensities(t).max(axis=(0, 1))
+    finally:
+        model.selection = saved
+    rungs = [base.sg_strong] if fixed else [x for x in ladder if x <= base.sg_max] or [base.sg_max]
+    run = partial(_ladder, model, cells, tilts, out, t, tile, field_max, rungs, accuracy)
+    holz_diff, holz_beam, ladder_zolz = None, [], []
+    if zones == "holz":
+        best, results, n_ref, scale = run(replace(base, holz=True))
+    else:
+        best, results, n_ref, scale = run(replace(base, holz=False))
+        if zones == "auto":
+            chosen = replace(base, holz=False, sg_strong=best["sg_strong"])
+            per_beam = np.zeros(len(out))
+            for c in cells:
+                zs, _, _ = _solve_tile(model, chosen, c, tilts[c], out, tile, model.method)
+                hs, _, _ = _solve_tile(model, replace(chosen, holz=True), c, tilts[c], out, tile, model.method)
+                per_beam = np.maximum(per_beam, (np.abs(zs.intensities(t) - hs.intensities(t)) / scale).max(axis=(0, 1)))
+            holz_diff, holz_beam = float(per_beam.max()), out[int(np.argmax(per_beam))].tolist()
+            if holz_diff > accuracy:
+                zones, ladder_zolz = "holz", results
+                best, results, n_ref, scale = run(replace(base, holz=True))
+            else:
+                zones = "zolz"
+    chosen = replace(base, sg_strong=best["sg_strong"], holz=zones == "holz")
+    err = best["error"]
+    return ProbeResult(selection=chosen, accuracy=float(accuracy), error=float(err), met=bool(err <= accuracy),
+                       ladder=results, worst_beam=best["worst_beam"], n_reference_max=int(n_ref),
+                       n_probe_tilts=5 * len(cells), thickness_A=[float(x) for x in t], wall_s=time.perf_counter() - t0,
+                       laue_zones=zones, laue_zones_config=laue_zones or zones, holz_difference=holz_diff,
+                       holz_difference_beam=holz_beam, ladder_zolz=ladder_zolz)
+
+
+def _ladder(model, cells, tilts, out, t, tile, field_max, rungs, accuracy, base: Selection):
+    """Bisection over ``rungs`` of sg_strong for ``base`` against its reference: (best rung record, all
+    records in rung order, largest reference beam count, per-beam scale)."""
     ref_sel = reference_selection(base)
     ref, n_ref = {}, 0
     saved = model.selection
@@ -150,18 +215,8 @@ def probe_selection(model, kt, out_hkl, thickness_A, accuracy: float = DEFAULT_A
             ref[c] = np.stack(rows)  # (5, nt, n_out)
     finally:
         model.selection = saved
-    # each output beam's maximum over the field: the reference probe tilts and a sample of the run's tilts
-    # (solved with a small beam set: the scale needs ~10 % accuracy, not 0.5 %)
-    kt_all = np.atleast_2d(np.asarray(kt, float))
-    sample = kt_all[np.unique(np.linspace(0, len(kt_all) - 1, min(n_sample, len(kt_all))).astype(int))]
-    try:
-        model.selection = replace(base, sg_strong=float(min(SG_LADDER[2], base.sg_max)))
-        field_max = model.solve_tiled(sample, out, tile_invA=tile, threads=1).intensities(t).max(axis=(0, 1))
-    finally:
-        model.selection = saved
     allref = np.concatenate([ref[c] for c in cells])
     scale = np.maximum(np.maximum(allref.max(axis=(0, 1)), field_max), INTENSITY_FLOOR)  # (n_out,)
-    rungs = [base.sg_strong] if fixed else [x for x in ladder if x <= base.sg_max] or [base.sg_max]
     evaluated: dict = {}
 
     def measure(i: int) -> dict:
@@ -186,9 +241,4 @@ def probe_selection(model, kt, out_hkl, thickness_A, accuracy: float = DEFAULT_A
                 hi = mid
             else:
                 lo = mid + 1
-    best = measure(hi)
-    chosen, err, worst = replace(base, sg_strong=best["sg_strong"]), best["error"], best["worst_beam"]
-    results = [evaluated[i] for i in sorted(evaluated)]
-    return ProbeResult(selection=chosen, accuracy=float(accuracy), error=float(err), met=bool(err <= accuracy),
-                       ladder=results, worst_beam=worst, n_reference_max=int(n_ref), n_probe_tilts=5 * len(cells),
-                       thickness_A=[float(x) for x in t], wall_s=time.perf_counter() - t0)
+    return measure(hi), [evaluated[i] for i in sorted(evaluated)], n_ref, scale

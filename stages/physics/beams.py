@@ -14,6 +14,26 @@ excitation error and treat the next ones by Bethe perturbation):
    second-order (Bethe) perturbation, U^eff_gh = U_gh - Σ_w U_gw U_wh / (2K s_w) (Bethe 1928).
    Beams below ``w_weak`` are dropped.
 
+Higher-order Laue zones (``holz``; Zuo & Weickenmeier's strong/weak split applied per layer).  At a zone
+axis the first-order layer lies H ~ 0.25 1/Å above the Ewald sphere near the centre and cuts it on a ring
+of radius sqrt(2 K H) ~ 4.5 1/Å (Si, GeSn [110], 200 kV).  Treating every layer like the zero layer (every
+beam with |s_g| <= sg_strong strong) makes the whole ring strong: ~300 more strong beams and ~6000 Bethe
+beams, 15-30x the time of the ZOLZ set.  But (bench/holz.py) what changes the zone-axis intensities by
+2-8 % of a disk's maximum is the layers' many weak couplings far from the Bragg condition, which Bethe
+perturbation handles well, while a ring beam couples to the strong beams through high-order U_{g-h}
+(|U| ~ 1e-4-1e-3 Å^-2) and matters only right at its Bragg condition.  So for a HOLZ beam:
+
+4. strong only when it is required, or when perturbation fails for it somewhere in the tile (w_g >= w_strong)
+   *and* it is strongly coupled (u_g = max_h |U_{g-h} + iU'_{g-h}| >= ``holz_u_strong``); a HOLZ beam for
+   which perturbation fails but that is weakly coupled is left out (its HOLZ line is too faint to matter);
+5. a Bethe beam when ``holz_w_weak`` <= w_g < w_strong (a higher threshold than the zero layer's, since
+   the layers hold ~10x more beams; ``holz_sg_strong`` > 0 also makes every HOLZ beam within that
+   excitation error strong, for reference calculations).
+
+Measured (bench/holz.py, tiles as a run uses them): Si [110] 0.09 % of each disk's maximum from a
+converged HOLZ calculation (ZOLZ: 1.6 %), 181 strong + 2844 Bethe beams instead of 161 + 494.  The Bethe
+sum over thousands of beams is cheap per tilt because it is expanded over each tile (bloch.bethe_expansion).
+
 The selection is made once for a whole set of tilts (a CBED disk or a LARBED tilt grid), so all
 tilts share one matrix size and are solved as one batch.
 
@@ -44,13 +64,22 @@ class Selection:
     w_weak: float = 1e-4
     holz: bool = False
     bethe: bool = True
+    #: HOLZ beams (layer != 0, only with ``holz``): Bethe beams down to this perturbation strength
+    holz_w_weak: float = 3e-4
+    #: a HOLZ beam too close to the Bragg condition for perturbation (w >= w_strong somewhere in the tile) is a
+    #: strong beam when its largest coupling to the strong beams max_h |U_{g-h} + iU'_{g-h}| reaches this [Å^-2],
+    #: and is left out otherwise (its HOLZ line is too faint to matter; see select_beams)
+    holz_u_strong: float = 2e-3
+    #: HOLZ beams with min |s_g| <= this are strong whatever their coupling [Å^-1] (0: by coupling only; the
+    #: reference selections of the convergence study set it to sg_strong)
+    holz_sg_strong: float = 0.0
 
     def __post_init__(self):
         for name in ("g_max", "sg_max", "sg_strong"):
             v = getattr(self, name)
             if not np.isfinite(v) or v <= 0:
                 raise QcbedInputError(f"beam_selection.{name}", f"must be a positive number of 1/Å, got {v}")
-        for name in ("w_strong", "w_weak"):
+        for name in ("w_strong", "w_weak", "holz_w_weak", "holz_u_strong", "holz_sg_strong"):
             v = getattr(self, name)
             if not np.isfinite(v) or v < 0:
                 raise QcbedInputError(f"beam_selection.{name}", f"must be >= 0, got {v}")
@@ -105,6 +134,10 @@ class BeamSet:
     strong: np.ndarray
     weak: np.ndarray
     selection: Selection
+    #: the tile the set was selected for: its centre kt (3,) [hkl units] and radius [Å^-1] (None, 0 for a set
+    #: selected for given tilts); solve expands the Bethe sums over this circle (bloch.bethe_expansion)
+    centre_kt: np.ndarray | None = None
+    radius_invA: float = 0.0
 
     @property
     def n_strong(self) -> int:
@@ -167,40 +200,71 @@ def select_beams(geometry: Geometry, potential: Potential, kt_hkl, selection: Se
         grad = g_t[None, :, :] - (gz[None, :, None] * kt_c[:, None, :]) / kz[:, None, None]
         s_abs = np.maximum(s_abs - np.linalg.norm(grad, axis=2) * radius_invA / K, 0.0)
     s_min = s_abs.min(axis=0)
+    tile = (kt[0].copy(), radius_invA) if radius_invA > 0 and len(kt) == 1 else (None, 0.0)
     is_req = np.array([tuple(h) in set(req) for h in cand.tolist()])
     in_pool = (s_min <= selection.sg_max) | is_req
     cand, s_min, is_req = cand[in_pool], s_min[in_pool], is_req[in_pool]
+    hz = (cand @ np.asarray(geometry.zone)) != 0  # higher-order Laue zones
 
-    strong = is_req | (s_min <= selection.sg_strong)
+    strong = is_req | ((s_min <= selection.sg_strong) & ~hz) | ((s_min <= selection.holz_sg_strong) & hz & (selection.holz_sg_strong > 0))
     if not selection.bethe:
-        return _finish(cand, strong, np.zeros_like(strong), s_min, selection, req)
+        return _finish(cand, strong, np.zeros_like(strong), s_min, selection, req, tile)
 
-    # Perturbation strength relative to the current strong set; promote until stable.
-    weak = np.zeros_like(strong)
+    # Perturbation strength relative to the current strong set; promote until stable.  A HOLZ beam is promoted
+    # only when it is also strongly coupled (u_g >= holz_u_strong); otherwise, if perturbation fails for it, it is
+    # left out (a zone-axis HOLZ ring holds hundreds of such beams, each with a line too faint to matter).
+    u = _max_coupling(potential, cand, cand[strong])
     for _ in range(6):
-        w = _coupling_strength(potential, cand, strong, s_min, K)
-        promote = (~strong) & (w >= selection.w_strong)
+        w = u / (2 * K * np.maximum(s_min, 1e-12))
+        promote = (~strong) & (w >= selection.w_strong) & (~hz | (u >= selection.holz_u_strong))
         if not promote.any():
             break
         strong |= promote
-    w = _coupling_strength(potential, cand, strong, s_min, K)
-    weak = (~strong) & (w >= selection.w_weak)
-    return _finish(cand, strong, weak, s_min, selection, req)
+        u = np.maximum(u, _max_coupling(potential, cand, cand[promote]))  # only the new strong beams
+    w = u / (2 * K * np.maximum(s_min, 1e-12))
+    weak = (~strong) & (w >= np.where(hz, selection.holz_w_weak, selection.w_weak)) & (~hz | (w < selection.w_strong))
+    return _finish(cand, strong, weak, s_min, selection, req, tile)
 
 
-def _coupling_strength(potential: Potential, cand, strong, s_min, K):
-    """w_g = max over strong h of |U_{g-h} + iU'_{g-h}| / (2K min|s_g|) for every candidate g."""
-    sh = cand[strong]
-    diff = cand[:, None, :] - sh[None, :, :]
-    flat = diff.reshape(-1, 3)
-    uniq, inv = unique_hkl(flat)
-    u, up = potential.get(uniq)
-    mag = np.abs(u + 1j * up)[inv.ravel()].reshape(len(cand), len(sh))
-    with np.errstate(divide="ignore"):
-        return mag.max(axis=1) / (2 * K * np.maximum(s_min, 1e-12))
+def _max_coupling(potential: Potential, cand: np.ndarray, strong: np.ndarray) -> np.ndarray:
+    """u_g = max over h in ``strong`` of |U_{g-h} + iU'_{g-h}| [Å^-2] for every g in ``cand`` (len(cand),).
+
+    The perturbation strength of g is w_g = u_g / (2K min|s_g|).  Differences are keyed linearly over their
+    index box (key(g - h) = key(g) - key(h)), so the (n_cand, n_strong) table of keys is one subtraction and
+    the potential is evaluated once per distinct difference.
+    """
+    if not len(strong) or not len(cand):
+        return np.zeros(len(cand))
+    cand, strong = np.asarray(cand, np.int64), np.asarray(strong, np.int64)
+    lo = cand.min(axis=0) - strong.max(axis=0)
+    span = cand.max(axis=0) - strong.min(axis=0) - lo + 1
+
+    def lin(h):
+        return (h[:, 0] * span[1] + h[:, 1]) * span[2] + h[:, 2]
+
+    off = int(lin(lo[None, :])[0])
+    keys = (lin(cand) - off)[:, None] - lin(strong)[None, :]  # key of g - h within the box
+    n_box = int(np.prod(span))
+    if n_box <= 8 * keys.size + (1 << 22):
+        present = np.zeros(n_box, bool)
+        present[keys.ravel()] = True
+        uk = np.flatnonzero(present)
+        table = np.zeros(n_box)
+        pos = None
+    else:  # a sparse box: sort instead of a table
+        uk, pos = np.unique(keys.ravel(), return_inverse=True)
+    h2 = uk % span[2]
+    rest = uk // span[2]
+    hkl = np.stack([rest // span[1], rest % span[1], h2], 1) + lo[None, :]
+    u, up = potential.get(hkl)
+    mag = np.abs(u + 1j * up)
+    if pos is None:
+        table[uk] = mag
+        return table[keys].max(axis=1)
+    return mag[pos.reshape(keys.shape)].max(axis=1)
 
 
-def _finish(cand, strong, weak, s_min, selection, req):
+def _finish(cand, strong, weak, s_min, selection, req, tile=(None, 0.0)):
     def order(mask):
         idx = np.nonzero(mask)[0]
         return idx[np.lexsort((cand[idx, 2], cand[idx, 1], cand[idx, 0], np.round(s_min[idx], 12)))]
@@ -214,4 +278,5 @@ def _finish(cand, strong, weak, s_min, selection, req):
     rest = [i for i in si if i not in set(req_idx)]
     strong_hkl = cand[np.array(req_idx + rest, int)]
     weak_hkl = cand[order(weak)] if weak.any() else np.zeros((0, 3), int)
-    return BeamSet(strong=strong_hkl.astype(int), weak=weak_hkl.astype(int), selection=selection)
+    return BeamSet(strong=strong_hkl.astype(int), weak=weak_hkl.astype(int), selection=selection,
+                   centre_kt=tile[0], radius_invA=float(tile[1]))

@@ -90,28 +90,139 @@ def origin_phases(potential: Potential, hkl) -> np.ndarray | None:
     return np.exp(-2j * np.pi * (np.asarray(hkl, float) @ c))
 
 
-def coupling_matrices(potential: Potential, beams: BeamSet) -> CouplingMatrices:
-    s, w = beams.strong, beams.weak
-    allb = np.vstack([s, w])
-    diff = (allb[:, None, :] - allb[None, :, :]).reshape(-1, 3)
+def _couplings(potential: Potential, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """U_{g-h} + i U'_{g-h} (len(rows), len(cols)) [Å^-2], looked up once per distinct g - h."""
+    diff = (rows[:, None, :] - cols[None, :, :]).reshape(-1, 3)
     uniq, inv = unique_hkl(diff)
     u, up = potential.get(uniq)
-    full = (u + 1j * up)[inv.ravel()].reshape(len(allb), len(allb))
-    phase = origin_phases(potential, allb)
-    if phase is not None:
-        full = np.conj(phase)[:, None] * full * phase[None, :]
-    _, up0 = potential.u0()
+    return (u + 1j * up)[inv.ravel()].reshape(len(rows), len(cols))
+
+
+def coupling_matrices(potential: Potential, beams: BeamSet) -> CouplingMatrices:
+    """The strong-strong, strong-weak and weak-strong couplings; the weak-weak block (never used: the
+    Bethe sum runs over one weak beam at a time) is not formed, so memory is (ns + 2 nw) ns, not (ns + nw)^2
+    (a HOLZ set of 200 strong and 5000 Bethe beams: 32 MB instead of 0.4 GB)."""
+    s, w = beams.strong, beams.weak
+    ss = _couplings(potential, s, s)
+    sw = _couplings(potential, s, w)
+    ws = _couplings(potential, w, s)
+    phase = origin_phases(potential, np.vstack([s, w]))
     ns = len(s)
-    ss = full[:ns, :ns].copy()
+    if phase is not None:
+        ps, pw = phase[:ns], phase[ns:]
+        ss = np.conj(ps)[:, None] * ss * ps[None, :]
+        sw = np.conj(ps)[:, None] * sw * pw[None, :]
+        ws = np.conj(pw)[:, None] * ws * ps[None, :]
+    _, up0 = potential.u0()
     np.fill_diagonal(ss, 1j * up0)
-    return CouplingMatrices(ss=ss, sw=full[:ns, ns:].copy(), ws=full[ns:, :ns].copy(), w_diag=1j * up0, phase=phase)
+    return CouplingMatrices(ss=ss, sw=sw, ws=ws, w_diag=1j * up0, phase=phase)
 
 
-def structure_matrices(geometry: Geometry, beams: BeamSet, coup: CouplingMatrices, kt_hkl, parts: bool = False):
+#: Bethe sums of a tile's beam set are expanded about the incident vector of the tile's centre, beam by beam to
+#: the lowest order whose remainder rho^(N+1) / (1 - rho) is below _BETHE_TOL of that beam's own term, rho the
+#: bound of |a_w.f| over the tile's circle (order 0 up to rho = 1e-3, 1 up to 0.031, 2 up to 0.095); beams
+#: with a larger rho (close to the Bragg condition somewhere in the tile) are summed exactly at every tilt.
+_BETHE_TOL = 1e-3
+_BETHE_MAX_ORDER = 2
+#: (order, first term, number of terms) of the polynomial in f: 1 | f_1 f_2 f_3 | f_i f_j (i <= j)
+_BETHE_TERMS = ((0, 0, 1), (1, 1, 3), (2, 4, 6))
+
+
+@dataclass
+class BetheExpansion:
+    """Bethe sum of the smooth weak beams as a polynomial in the incident wave vector.
+
+    The denominator of weak beam w, d_w = 2K s_w + iU'_0, is exactly linear in the Cartesian incident vector:
+    2K s_w = -(2 K.g_w + g_w^2), so with f = K - K_ref, d_w = d0_w - 2 g_w.f and
+
+        1/d_w = (1/d0_w) Σ_k (a_w.f)^k,  a_w = 2 g_w / d0_w.
+
+    Truncated at order N_w (per beam, see _BETHE_TOL), Σ_w C_gw C_wh / d_w = Σ_m φ_m(f) P_m with at most ten
+    tilt-independent matrices P_m (monomials 1, f_i, f_i f_j) formed once per call, Σ_w (terms of N_w) ns^2
+    operations, so a tilt costs 10 ns^2 instead of ns^2 n_w: the (ns, nw) product per tilt is not formed.
+    ``exact``: the weak beams (indices) summed per tilt.
+    """
+
+    K_ref: np.ndarray  # (3,) Cartesian [Å^-1]
+    P: np.ndarray  # (n_terms, ns, ns) [Å^-2], n_terms = 1, 4 or 10
+    exact: np.ndarray  # (n_exact,) int, indices into the weak beams
+    n_smooth: int
+
+    def terms(self, Kvec: np.ndarray) -> np.ndarray:
+        """φ_m(f) (nt, n_terms) for incident vectors (nt, 3)."""
+        f = Kvec - self.K_ref[None, :]
+        f1, f2, f3 = f[:, 0], f[:, 1], f[:, 2]
+        one = np.ones_like(f1)
+        cols = [one, f1, f2, f3, f1 * f1, f2 * f2, f3 * f3, 2 * f1 * f2, 2 * f1 * f3, 2 * f2 * f3]
+        return np.stack(cols[:len(self.P)], 1)
+
+
+def _monomial_weights(a: np.ndarray, order: int) -> np.ndarray:
+    """Coefficients of the monomials of (a.f)^k, k <= order, for the beams' a (n, 3): (n_terms(order), n)."""
+    rows = [np.ones(len(a), complex)]
+    if order >= 1:
+        rows += [a[:, 0], a[:, 1], a[:, 2]]
+    if order >= 2:
+        rows += [a[:, 0] ** 2, a[:, 1] ** 2, a[:, 2] ** 2, a[:, 0] * a[:, 1], a[:, 0] * a[:, 2], a[:, 1] * a[:, 2]]
+    return np.stack(rows)
+
+
+def bethe_expansion(geometry: Geometry, beams: BeamSet, coup: CouplingMatrices, kt_hkl,
+                    tol: float = _BETHE_TOL) -> BetheExpansion | None:
+    """The :class:`BetheExpansion` of a tile's weak beams, about the incident vector of the tile's centre.
+
+    Only for a beam set selected for a tile (``beams.centre_kt``, ``beams.radius_invA``) and tilts kt (nt, 3)
+    inside its circle; None otherwise (the sums are then exact per tilt).  The order of each beam is set by
+    its largest |a_w.f| over the whole circle, not over the given tilts, so a tilt's intensities do not
+    depend on which other tilts of the tile are solved with it.
+    """
+    nw = len(beams.weak)
+    if nw == 0 or beams.centre_kt is None or beams.radius_invA <= 0:
+        return None
+    kt = np.atleast_2d(np.asarray(kt_hkl, float))
+    R = float(beams.radius_invA)
+    c_t = geometry.kt_cart(beams.centre_kt)
+    if np.any(np.linalg.norm(geometry.kt_cart(kt) - c_t[None, :], axis=1) > R * (1 + 1e-9)):
+        return None
+    K = geometry.K_invA
+    K_ref = geometry.incident(beams.centre_kt)
+    gw = geometry.crystal.recip_to_cart(beams.weak)
+    d0 = 2.0 * K * geometry.excitation_errors(K_ref[None, :], gw)[0] + coup.w_diag  # (nw,)
+    a = 2.0 * gw / d0[:, None]  # (nw, 3)
+    # over the circle: |f_t| <= R and |f_z| = |kz - kz_ref| <= (2 |kt_ref| R + R^2) / (2 kz_min)
+    ez = geometry.e_z
+    kt0 = float(np.linalg.norm(c_t))
+    fz = (2 * kt0 * R + R * R) / (2 * np.sqrt(K * K - (kt0 + R) ** 2))
+    a_z = a @ ez
+    a_t = np.sqrt(np.maximum(np.sum(np.abs(a) ** 2, axis=1) - np.abs(a_z) ** 2, 0.0))
+    rho = a_t * R + np.abs(a_z) * fz  # (nw,) bound of |a_w.f| over the circle
+    order = np.full(nw, -1)
+    for n in range(_BETHE_MAX_ORDER, -1, -1):
+        order[(rho < 1) & (rho ** (n + 1) / np.maximum(1 - rho, 1e-300) <= tol)] = n
+    if not np.any(order >= 0):
+        return None
+    ns = beams.n_strong
+    n_terms = {0: 1, 1: 4, 2: 10}[int(order.max())]
+    P = np.zeros((n_terms, ns, ns), complex)
+    for n in range(int(order.max()) + 1):
+        idx = np.flatnonzero(order == n)
+        if not len(idx):
+            continue
+        W = _monomial_weights(a[idx], n) / d0[idx][None, :]
+        sw, ws = coup.sw[:, idx], coup.ws[idx, :]
+        for m in range(len(W)):
+            P[m] += (sw * W[m][None, :]) @ ws
+    return BetheExpansion(K_ref=K_ref, P=P, exact=np.flatnonzero(order < 0), n_smooth=int(np.sum(order >= 0)))
+
+
+def structure_matrices(geometry: Geometry, beams: BeamSet, coup: CouplingMatrices, kt_hkl, parts: bool = False,
+                       bethe: BetheExpansion | None = None):
     """Scaled structure matrices M (nt, ns, ns) [Å^-1] and foil-normal factors p (nt, ns).
 
     With ``parts``, also a dict of the factors the analytic derivatives need (derivatives.py):
     ``q`` = p^-1/2 (nt, ns), ``two_Kn`` = 2 K_n (nt,) [Å^-1] and ``bethe_denom`` (nt, nw) [Å^2].
+    ``bethe``: the expansion of the smooth weak beams' Bethe sum for these tilts (:func:`bethe_expansion`);
+    the other weak beams are summed exactly per tilt (all of them without it).
     """
     cr = geometry.crystal
     Kvec = geometry.incident(kt_hkl)
@@ -127,7 +238,13 @@ def structure_matrices(geometry: Geometry, beams: BeamSet, coup: CouplingMatrice
         gw = cr.recip_to_cart(beams.weak)
         sw = geometry.excitation_errors(Kvec, gw)  # (nt, nw)
         denom = 1.0 / (2.0 * K * sw + coup.w_diag)
-        A -= (coup.sw[None, :, :] * denom[:, None, :]) @ coup.ws
+        if bethe is None:
+            A -= (coup.sw[None, :, :] * denom[:, None, :]) @ coup.ws
+        else:
+            A -= np.tensordot(bethe.terms(Kvec), bethe.P, axes=(1, 0))
+            e = bethe.exact
+            if len(e):
+                A -= (coup.sw[None, :, e] * denom[:, None, e]) @ coup.ws[e]
     n_in = geometry.inward_normal(Kvec)
     Kn = np.einsum("ti,ti->t", Kvec, n_in)
     gn = gs @ n_in.T  # (ns, nt)
@@ -408,7 +525,9 @@ def solve(geometry: Geometry, potential: Potential, beams: BeamSet, kt_hkl, out_
     out_idx = beams.index_of(out_hkl)
     ns = beams.n_strong
     nt = len(kt)
-    chunk = max(1, min(nt, _CHUNK_ELEMENTS // max(ns * max(ns, len(beams.weak)), 1)))
+    bethe = bethe_expansion(geometry, beams, coup, kt)
+    n_exact = len(beams.weak) if bethe is None else len(bethe.exact)
+    chunk = max(1, min(nt, _CHUNK_ELEMENTS // max(ns * max(ns, n_exact), 1)))
     gamma = np.empty((nt, ns), complex)
     vec = np.empty((nt, len(out_idx), ns), complex)
     alpha = np.empty((nt, ns), complex)
@@ -427,9 +546,9 @@ def solve(geometry: Geometry, potential: Potential, beams: BeamSet, kt_hkl, out_
         b = min(nt, a + chunk)
         tb = time.perf_counter()
         if want_d:
-            M, _, parts = structure_matrices(geometry, beams, coup, kt[a:b], parts=True)
+            M, _, parts = structure_matrices(geometry, beams, coup, kt[a:b], parts=True, bethe=bethe)
         else:
-            M, _ = structure_matrices(geometry, beams, coup, kt[a:b])
+            M, _ = structure_matrices(geometry, beams, coup, kt[a:b], bethe=bethe)
         te = time.perf_counter()
         if want_d:
             w, Vo, al, V, W = eig(M, out_idx, full=True)
@@ -446,7 +565,7 @@ def solve(geometry: Geometry, potential: Potential, beams: BeamSet, kt_hkl, out_
     if coup.phase is not None:
         vec *= coup.phase[out_idx][None, :, None]  # amplitudes of the crystal's own origin
     timing = {"total_s": time.perf_counter() - t0, "build_s": t_build, "eig_s": t_eig, "n_tilts": nt, "n_beams": ns,
-              "n_weak": len(beams.weak), "derivative_s": t_der}
+              "n_weak": len(beams.weak), "n_weak_exact": n_exact, "derivative_s": t_der}
     used = used or {method: nt}
     timing.update(method_used="mixed" if len(used) > 1 and min(used.values()) else max(used, key=used.get),
                   n_tilts_hermitian=used.get("hermitian", 0), n_tilts_general=used.get("general", 0))

@@ -71,29 +71,31 @@ def coupling_derivatives(beams: BeamSet, dpot: list[dict], phase=None) -> list[C
     between beams g and h is U_{g-h}, so the derivative has an entry wherever g - h is a key.
     ``phase``: the beam phases of the couplings' origin (``CouplingMatrices.phase``), applied alike.
     """
-    s, w = beams.strong, beams.weak
-    ns = len(s)
-    allb = np.vstack([s, w]).astype(np.int64)
-    keys = _hkl_key(allb[:, None, :] - allb[None, :, :])  # (n, n)
+    s, w = beams.strong.astype(np.int64), beams.weak.astype(np.int64)
+    ns, nw = len(s), len(w)
+    ph = np.ones(ns + nw, complex) if phase is None else np.asarray(phase, complex)
+    blocks = {"ss": (s, s, ph[:ns], ph[:ns]), "sw": (s, w, ph[:ns], ph[ns:]), "ws": (w, s, ph[ns:], ph[:ns])}
+    # the keys of g - h of each block once (the weak-weak block is never needed)
+    keys = {name: _hkl_key(r[:, None, :] - c[None, :, :]).ravel() for name, (r, c, _, _) in blocks.items()}
     out = []
     for d in dpot:
-        if not d:
-            z = sp.csr_matrix((ns, ns), dtype=complex)
-            out.append(CouplingDerivative(z, sp.csr_matrix((ns, len(w)), dtype=complex),
-                                          sp.csr_matrix((len(w), ns), dtype=complex)))
-            continue
-        hk = np.array(list(d.keys()), np.int64)
+        mats = {}
+        hk = np.array(list(d.keys()), np.int64).reshape(-1, 3)
         vals = np.array(list(d.values()), complex)
         kk = _hkl_key(hk)
         order = np.argsort(kk)
         kk, vals = kk[order], vals[order]
-        pos = np.clip(np.searchsorted(kk, keys), 0, len(kk) - 1)
-        hit = kk[pos] == keys
-        full = np.where(hit, vals[pos], 0.0)
-        if phase is not None:
-            full = np.conj(phase)[:, None] * full * phase[None, :]
-        out.append(CouplingDerivative(sp.csr_matrix(full[:ns, :ns]), sp.csr_matrix(full[:ns, ns:]),
-                                      sp.csr_matrix(full[ns:, :ns])))
+        for name, (r, c, pr, pc) in blocks.items():
+            shape = (len(r), len(c))
+            if not len(kk) or not keys[name].size:
+                mats[name] = sp.csr_matrix(shape, dtype=complex)
+                continue
+            pos = np.clip(np.searchsorted(kk, keys[name]), 0, len(kk) - 1)
+            idx = np.flatnonzero(kk[pos] == keys[name])
+            i, j = np.divmod(idx, len(c))
+            v = vals[pos[idx]] * np.conj(pr[i]) * pc[j]
+            mats[name] = sp.csr_matrix((v, (i, j)), shape=shape)
+        out.append(CouplingDerivative(mats["ss"], mats["sw"], mats["ws"]))
     return out
 
 
@@ -149,10 +151,16 @@ def intensity_derivatives(gamma, V, W, alpha, out_idx, thickness_A: float, q, tw
     Zt = Z * q[:, None, :]  # Z~_jb = Z_jb q_b
     Vout = V[:, out_idx, :]
     a = np.einsum("toj,tj->to", Vout, e * alpha)
-    nw = c_sw.shape[1]
+    # only the weak beams c that some parameter couples (dC_ac or dC_cb non-zero) enter: a HOLZ set has
+    # thousands of Bethe beams, most of them coupled to the strong beams through other reflections only
+    used = np.unique(np.concatenate([np.zeros(0, np.int64)] + [dc.sw.indices for dc in dcoup]
+                                    + [np.flatnonzero(np.diff(dc.ws.indptr)) for dc in dcoup])) if c_sw.shape[1] else []
+    nw = len(used)
     if nw:
-        WSD = (Wt @ c_sw) * bethe_denom[:, None, :]  # (nt, ns, nw): Σ_a W~_ja C_ac D_c
-        ZWD = (Zt @ c_ws.T) * bethe_denom[:, None, :]  # Σ_b Z~_jb C_cb D_c
+        dsw = [dc.sw[:, used] for dc in dcoup]
+        dws = [dc.ws[used, :] for dc in dcoup]
+        WSD = (Wt @ c_sw[:, used]) * bethe_denom[:, None, used]  # (nt, ns, nw): Σ_a W~_ja C_ac D_c
+        ZWD = (Zt @ c_ws[used].T) * bethe_denom[:, None, used]  # Σ_b Z~_jb C_cb D_c
     Zt2 = Zt.reshape(nt * ns, ns).T  # (ns[b], nt*ns)
     dI = np.empty((nt, len(dcoup), len(out_idx)))
     for p, dc in enumerate(dcoup):
@@ -160,10 +168,10 @@ def intensity_derivatives(gamma, V, W, alpha, out_idx, thickness_A: float, q, tw
         R = (dc.ss @ Zt2).T.reshape(nt, ns, ns)  # [t, j, a] = Σ_b dC_ab Z~_jb
         y = np.einsum("tja,tja->tj", Wt, R)
         if nw and dc.sw.nnz:
-            R2 = (dc.sw @ ZWD.reshape(nt * ns, nw).T).T.reshape(nt, ns, ns)  # Σ_c dC_ac D_c (C_ws Z~)_cj
+            R2 = (dsw[p] @ ZWD.reshape(nt * ns, nw).T).T.reshape(nt, ns, ns)  # Σ_c dC_ac D_c (C_ws Z~)_cj
             y -= np.einsum("tja,tja->tj", Wt, R2)
         if nw and dc.ws.nnz:
-            R3 = (dc.ws @ Zt2).T.reshape(nt, ns, nw)  # [t, j, c] = Σ_b dC_cb Z~_jb
+            R3 = (dws[p] @ Zt2).T.reshape(nt, ns, nw)  # [t, j, c] = Σ_b dC_cb Z~_jb
             y -= np.einsum("tjc,tjc->tj", WSD, R3)
         da = np.einsum("toj,tj->to", Vout, y)
         dI[:, p, :] = 2.0 * (a.real * da.real + a.imag * da.imag)
