@@ -69,7 +69,7 @@ class Selection:
     #: a HOLZ beam too close to the Bragg condition for perturbation (w >= w_strong somewhere in the tile) is a
     #: strong beam when its largest coupling to the strong beams max_h |U_{g-h} + iU'_{g-h}| reaches this [Å^-2],
     #: and is left out otherwise (its HOLZ line is too faint to matter; see select_beams)
-    holz_u_strong: float = 2e-3
+    holz_u_strong: float = 5e-3
     #: HOLZ beams with min |s_g| <= this are strong whatever their coupling [Å^-1] (0: by coupling only; the
     #: reference selections of the convergence study set it to sg_strong)
     holz_sg_strong: float = 0.0

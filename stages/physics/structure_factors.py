@@ -20,6 +20,7 @@ Symmetry: for an operation x' = R x + t of the space group, F(h R) = F(h) exp(+2
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -224,6 +225,42 @@ def related_reflections(crystal: Crystal, hkl) -> list[tuple[tuple[int, int, int
 ABSORPTION_MODELS = ("none", "proportional", "bird_king")
 
 
+#: entries of the IAM box table (16 bytes U, 16 U', 1 flag each): 8e6 is ~270 MB; larger boxes are computed
+#: directly per call
+_IAM_TABLE_MAX = 8_000_000
+
+
+def _box_keys(h: np.ndarray, box: dict) -> np.ndarray:
+    s = box["span"]
+    g = h + box["half"][None, :]
+    return (g[:, 0] * s[1] + g[:, 1]) * s[2] + g[:, 2]
+
+
+def _unbox(keys: np.ndarray, box: dict) -> np.ndarray:
+    s = box["span"]
+    c = keys % s[2]
+    r = keys // s[2]
+    return np.stack([r // s[1], r % s[1], c], 1) - box["half"][None, :]
+
+
+def _override_key(hkl: np.ndarray) -> np.ndarray:
+    h = np.asarray(hkl, np.int64) + (1 << 20)
+    return (h[:, 0] << 42) | (h[:, 1] << 21) | h[:, 2]
+
+
+def _lookup(keys: np.ndarray, store: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(mask of keys present in the override dict ``store``, their values)."""
+    if not store:
+        return np.zeros(len(keys), bool), np.zeros(0, complex)
+    sk = _override_key(np.array(list(store.keys()), np.int64).reshape(-1, 3))
+    sv = np.array(list(store.values()), complex)
+    o = np.argsort(sk)
+    sk, sv = sk[o], sv[o]
+    pos = np.clip(np.searchsorted(sk, keys), 0, len(sk) - 1)
+    hit = sk[pos] == keys
+    return hit, sv[pos[hit]]
+
+
 @dataclass
 class Potential:
     """The crystal potential U_g + i U'_g [Å^-2] at one voltage, with refined overrides.
@@ -245,6 +282,10 @@ class Potential:
     _u: dict = field(default_factory=dict, repr=False)
     _up: dict = field(default_factory=dict, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
+    #: IAM U, U' (no overrides: they never change) on a dense box of indices, filled as reflections are asked
+    #: for: a run asks for the same differences tile after tile and step after step
+    _iam_box: dict = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self):
         self.table = check_table(self.table)
@@ -299,6 +340,51 @@ class Potential:
         self._cache.clear()
         return [h for h, _, _ in rel]
 
+    def __getstate__(self):  # the table and its lock stay with the process (a lock does not pickle)
+        state = dict(self.__dict__)
+        state.update(_cache={}, _iam_box={}, _lock=None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _iam_direct(self, hkl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        u = self.iam(hkl)
+        up = self.iam_prime(hkl) if self.absorption == "bird_king" else self.absorption_fraction * u
+        return u, up
+
+    def _iam_pair(self, hkl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """IAM (U, U') for hkl (n, 3) without overrides, through the box table (computed once per reflection)."""
+        h = np.asarray(hkl, np.int64)
+        if len(h) < 64:
+            return self._iam_direct(hkl)
+        need = np.abs(h).max(axis=0)
+        with self._lock:
+            box = self._iam_box
+            if not box or np.any(need > box["half"]):
+                half = np.maximum(need + 4, box["half"] if box else 0)
+                span = 2 * half + 1
+                if int(np.prod(span)) > _IAM_TABLE_MAX:
+                    return self._iam_direct(hkl)
+                new = {"half": half, "span": span, "have": np.zeros(int(np.prod(span)), bool),
+                       "u": np.zeros(int(np.prod(span)), complex), "up": np.zeros(int(np.prod(span)), complex)}
+                if box:  # carry the computed entries over
+                    old = np.flatnonzero(box["have"])
+                    oh = _unbox(old, box)
+                    nk = _box_keys(oh, new)
+                    new["have"][nk] = True
+                    new["u"][nk], new["up"][nk] = box["u"][old], box["up"][old]
+                self._iam_box = box = new
+            keys = _box_keys(h, box)
+            miss = ~box["have"][keys]
+            if miss.any():
+                mk = np.unique(keys[miss])
+                um, upm = self._iam_direct(_unbox(mk, box))
+                box["u"][mk], box["up"][mk] = um, upm
+                box["have"][mk] = True
+            return box["u"][keys], box["up"][keys]
+
     def get(self, hkl) -> tuple[np.ndarray, np.ndarray]:
         """U_g and U'_g [Å^-2] (complex arrays) for hkl (n, 3), overrides applied."""
         hkl = _as_hkl(hkl)
@@ -306,16 +392,18 @@ class Potential:
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        u = self.iam(hkl)
-        up = self.iam_prime(hkl) if self.absorption == "bird_king" else self.absorption_fraction * u
+        u, up = self._iam_pair(hkl)
         if self._u or self._up:
-            for i, h in enumerate(map(tuple, hkl.tolist())):
-                if h in self._u:
-                    u[i] = self._u[h]
-                    if self.absorption == "proportional" and h not in self._up:
-                        up[i] = self.absorption_fraction * u[i]
-                if h in self._up:
-                    up[i] = self._up[h]
+            k = _override_key(hkl)
+            hu, iu = _lookup(k, self._u)
+            hp, ip = _lookup(k, self._up)
+            if hu.any():
+                u[hu] = iu
+                if self.absorption == "proportional":
+                    own = hu & ~hp
+                    up[own] = self.absorption_fraction * u[own]
+            if hp.any():
+                up[hp] = ip
         if len(self._cache) > 64:
             self._cache.clear()
         self._cache[key] = (u, up)
