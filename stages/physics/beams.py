@@ -99,6 +99,16 @@ class Selection:
 DEFAULT_SELECTION = Selection()
 
 
+def _keys(hkl) -> np.ndarray:
+    """One int64 per reflection (|h|, |k|, |l| < 2^20)."""
+    h = np.asarray(hkl, np.int64).reshape(-1, 3) + (1 << 20)
+    return (h[:, 0] << 42) | (h[:, 1] << 21) | h[:, 2]
+
+
+#: lattice_points results by (cell, space group, g_max, zone): a run selects beams for hundreds of tiles
+_POINTS: dict = {}
+
+
 def centring_vectors(crystal: Crystal) -> np.ndarray:
     rot, tra = crystal.symops
     ident = np.all(np.abs(rot - np.eye(3)) < 1e-9, axis=(1, 2))
@@ -110,6 +120,17 @@ def lattice_points(crystal: Crystal, g_max: float, zone=None) -> np.ndarray:
 
     With ``zone`` given, only the zero-order Laue zone (h u + k v + l w = 0).  000 comes first.
     """
+    key = (tuple(crystal.cell), crystal.spacegroup, float(g_max), None if zone is None else tuple(int(x) for x in zone))
+    hit = _POINTS.get(key)
+    if hit is None:
+        if len(_POINTS) > 16:
+            _POINTS.clear()
+        hit = _POINTS[key] = _lattice_points(crystal, g_max, zone)
+        hit.setflags(write=False)
+    return hit
+
+
+def _lattice_points(crystal: Crystal, g_max: float, zone=None) -> np.ndarray:
     a_len = np.sqrt(np.diag(crystal.G))
     hmax = np.ceil(g_max * a_len).astype(int)
     ranges = [np.arange(-m, m + 1) for m in hmax]
@@ -184,10 +205,10 @@ def select_beams(geometry: Geometry, potential: Potential, kt_hkl, selection: Se
             raise QcbedInputError("beams", f"{h[0]} {h[1]} {h[2]} is not a reciprocal-lattice point of this "
                                   f"{cr.spacegroup[0]}-centred lattice (its structure factor is zero by centring)",
                                   "check the indices and the cell setting")
-    have = {tuple(h) for h in cand.tolist()}
-    extra = [h for h in req if h not in have]
-    if extra:
-        cand = np.vstack([np.array(extra, int).reshape(-1, 3), cand])
+    req_arr = np.array(req, np.int64).reshape(-1, 3)
+    extra = req_arr[~np.isin(_keys(req_arr), _keys(cand))]
+    if len(extra):
+        cand = np.vstack([extra, cand])
     cand = np.unique(cand, axis=0)
     g_cart = cr.recip_to_cart(cand)
     s_abs = np.abs(geometry.excitation_errors(Kvec, g_cart))
@@ -201,7 +222,7 @@ def select_beams(geometry: Geometry, potential: Potential, kt_hkl, selection: Se
         s_abs = np.maximum(s_abs - np.linalg.norm(grad, axis=2) * radius_invA / K, 0.0)
     s_min = s_abs.min(axis=0)
     tile = (kt[0].copy(), radius_invA) if radius_invA > 0 and len(kt) == 1 else (None, 0.0)
-    is_req = np.array([tuple(h) in set(req) for h in cand.tolist()])
+    is_req = np.isin(_keys(cand), _keys(req_arr))
     in_pool = (s_min <= selection.sg_max) | is_req
     cand, s_min, is_req = cand[in_pool], s_min[in_pool], is_req[in_pool]
     hz = (cand @ np.asarray(geometry.zone)) != 0  # higher-order Laue zones
@@ -271,12 +292,11 @@ def _finish(cand, strong, weak, s_min, selection, req, tile=(None, 0.0)):
 
     si = order(strong)
     # 000 first, then the required beams, then the rest by excitation error
-    req_idx = []
-    lut = {tuple(h): i for i, h in enumerate(cand.tolist())}
-    for h in req:
-        req_idx.append(lut[h])
-    rest = [i for i in si if i not in set(req_idx)]
-    strong_hkl = cand[np.array(req_idx + rest, int)]
+    ck = _keys(cand)
+    sort = np.argsort(ck)
+    req_idx = sort[np.searchsorted(ck[sort], _keys(np.array(req, np.int64).reshape(-1, 3)))]
+    rest = si[~np.isin(si, req_idx)]
+    strong_hkl = cand[np.concatenate([req_idx, rest]).astype(int)]
     weak_hkl = cand[order(weak)] if weak.any() else np.zeros((0, 3), int)
     return BeamSet(strong=strong_hkl.astype(int), weak=weak_hkl.astype(int), selection=selection,
                    centre_kt=tile[0], radius_invA=float(tile[1]))

@@ -90,12 +90,20 @@ def origin_phases(potential: Potential, hkl) -> np.ndarray | None:
     return np.exp(-2j * np.pi * (np.asarray(hkl, float) @ c))
 
 
-def _couplings(potential: Potential, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """U_{g-h} + i U'_{g-h} (len(rows), len(cols)) [Å^-2], looked up once per distinct g - h."""
+def _couplings(potential: Potential, rows: np.ndarray, cols: np.ndarray, transpose: bool = False):
+    """U_{g-h} + i U'_{g-h} (len(rows), len(cols)) [Å^-2], looked up once per distinct g - h.
+
+    ``transpose``: also the couplings of cols to rows, U_{h-g} + i U'_{h-g} = conj(U_{g-h}) + i conj(U'_{g-h})
+    (U_{-g} = U_g^*, U'_{-g} = U'_g^*: the potential and its absorptive part are real in space).
+    """
     diff = (rows[:, None, :] - cols[None, :, :]).reshape(-1, 3)
     uniq, inv = unique_hkl(diff)
     u, up = potential.get(uniq)
-    return (u + 1j * up)[inv.ravel()].reshape(len(rows), len(cols))
+    shape = (len(rows), len(cols))
+    fwd = (u + 1j * up)[inv.ravel()].reshape(shape)
+    if not transpose:
+        return fwd
+    return fwd, (np.conj(u) + 1j * np.conj(up))[inv.ravel()].reshape(shape).T.copy()
 
 
 def coupling_matrices(potential: Potential, beams: BeamSet) -> CouplingMatrices:
@@ -104,8 +112,7 @@ def coupling_matrices(potential: Potential, beams: BeamSet) -> CouplingMatrices:
     (a HOLZ set of 200 strong and 5000 Bethe beams: 32 MB instead of 0.4 GB)."""
     s, w = beams.strong, beams.weak
     ss = _couplings(potential, s, s)
-    sw = _couplings(potential, s, w)
-    ws = _couplings(potential, w, s)
+    sw, ws = _couplings(potential, s, w, transpose=True)
     phase = origin_phases(potential, np.vstack([s, w]))
     ns = len(s)
     if phase is not None:
