@@ -8,7 +8,7 @@ through processes; two BLAS threads made batched eigen-solves up to 100x slower 
 import os as _os
 import sys as _sys
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 _N = _os.environ.get("QCBED_BLAS_THREADS", "1")
 if "numpy" not in _sys.modules:

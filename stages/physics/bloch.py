@@ -20,7 +20,8 @@ and the reported intensity is the beam current through the exit surface,
 
 so that without absorption Σ_g I_g = 1 exactly (flux conservation).
 
-Weak beams enter by Bethe's second-order perturbation (see beams.py).
+Weak beams enter by Bethe's second-order perturbation (see beams.py); for a tile's beam set the sums are
+expanded over the tile (:func:`bethe_expansion`), so thousands of HOLZ Bethe beams cost little per tilt.
 
 Solvers, all batched over tilts (no Python loop over tilts; tilts are processed in chunks
 only to bound memory):
