@@ -36,7 +36,7 @@ from functools import partial
 import numpy as np
 
 from ..errors import QcbedInputError
-from .beams import Selection
+from .beams import Selection, select_beams
 from .bloch import coupling_matrices, solve
 
 #: strong-beam thresholds tried, smallest first [Å^-1] (searched by bisection: the error falls with sg_strong)
@@ -198,23 +198,32 @@ def probe_selection(model, kt, out_hkl, thickness_A, accuracy: float = DEFAULT_A
 def _ladder(model, cells, tilts, out, t, tile, field_max, rungs, accuracy, base: Selection):
     """Bisection over ``rungs`` of sg_strong for ``base`` against its reference: (best rung record, all
     records in rung order, largest reference beam count, per-beam scale)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..simulate import solver_threads
+
     ref_sel = reference_selection(base)
-    ref, n_ref = {}, 0
-    saved = model.selection
-    try:
-        model.selection = ref_sel
-        for c in cells:
-            # one reference beam set per probe tilt (its own, not the tile's), solved exactly ('general')
-            rows = []
-            for k in tilts[c]:
-                beams = model.beams(k[None, :], out)
-                n_ref = max(n_ref, beams.n_strong)
-                s = solve(model.geometry, model.potential, beams, k[None, :], out, "general",
-                          coupling_matrices(model.potential, beams))
-                rows.append(s.intensities(t)[0])
-            ref[c] = np.stack(rows)  # (5, nt, n_out)
-    finally:
-        model.selection = saved
+
+    def one(k):
+        # one reference beam set per probe tilt (its own, not the tile's), solved exactly ('general')
+        beams = select_beams(model.geometry, model.potential, k[None, :], ref_sel, required=out)
+        s = solve(model.geometry, model.potential, beams, k[None, :], out, "general",
+                  coupling_matrices(model.potential, beams))
+        return s.intensities(t)[0], beams.n_strong
+
+    jobs = [k for c in cells for k in tilts[c]]
+    model.potential.get(np.zeros((1, 3), int))  # as solve_tiled: the potential's tables before threads share it
+    n_threads = min(solver_threads(), len(jobs))
+    if n_threads > 1:  # the reference solves are independent: on the run's threads (the numbers do not change)
+        with ThreadPoolExecutor(n_threads, thread_name_prefix="qcbed-probe") as ex:
+            done = list(ex.map(one, jobs))
+    else:
+        done = [one(k) for k in jobs]
+    n_ref = max(n for _, n in done)
+    ref, i = {}, 0
+    for c in cells:
+        ref[c] = np.stack([d for d, _ in done[i:i + len(tilts[c])]])  # (5, nt, n_out)
+        i += len(tilts[c])
     allref = np.concatenate([ref[c] for c in cells])
     scale = np.maximum(np.maximum(allref.max(axis=(0, 1)), field_max), INTENSITY_FLOOR)  # (n_out,)
     evaluated: dict = {}
