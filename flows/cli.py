@@ -193,6 +193,7 @@ def _print_table(ds) -> None:
     total = inten.sum(-1)
     print(f"# {ds.attrs['hv_kV']:g} kV, zone {ds.attrs['zone']}, x-axis {ds.attrs['x_axis']}, "
           f"{ds.attrs['n_beams_matrix']} beams (+{ds.attrs['n_beams_bethe']} Bethe), "
+          f"Laue zones {ds.attrs.get('laue_zones', 'zolz').upper()}, "
           f"table {ds.attrs['scattering_table']}, absorption {ds.attrs['absorption']}, solver {ds.attrs['solver']}")
     head = "   h   k   l |" + "".join(f"{t[c]:>10.0f}" for c in cols) + "   (thickness Å)"
     print(head)

@@ -140,3 +140,14 @@ def test_zone_axis_holz_difference_and_accuracy(si):
     err = {k: (np.abs(res[k] - res["ref"]) / scale).max() for k in ("zolz", "holz")}
     assert err["zolz"] > 0.01
     assert err["holz"] < 0.003
+
+
+def test_simulate_records_the_laue_zones(si):
+    """qcbed simulate --holz: the dataset says which Laue zones were modelled (and the Bethe beams they need)."""
+    from stages.simulate import simulate
+
+    ds = simulate(ForwardModel(si, 200.0, (1, 1, 0), selection=HOLZ), [500.0])
+    dz = simulate(ForwardModel(si, 200.0, (1, 1, 0)), [500.0])
+    assert ds.attrs["laue_zones"] == "holz" and dz.attrs["laue_zones"] == "zolz"
+    assert ds.attrs["n_beams_bethe"] > 3 * dz.attrs["n_beams_bethe"]
+    assert abs(float(ds.intensity.sum()) - 1) < 1e-10  # no absorption: flux conserved with HOLZ
