@@ -6,8 +6,8 @@ Sections (relative paths resolve against the config file's folder)::
     [microscope]   hv_kV, zone = [u, v, w], x_axis = [h, k, l], normal = [u, v, w] (optional)
     [simulation]   thickness_A, scattering_table, absorption, absorption_fraction, solver,
                    g_max, sg_max, sg_strong, bethe, tile_invA, beam_accuracy, laue_zones =
-                   "auto" | "zolz" | "holz" (all optional but thickness_A; beam_accuracy and
-                   laue_zones: stages/physics/beam_probe.py)
+                   "auto" | "zolz" | "holz", holz_lines (all optional but thickness_A; beam_accuracy
+                   and laue_zones: stages/physics/beam_probe.py; holz_lines: stages/physics/beams.py)
     [pattern]      see stages/load.py
     [geometry]     gl_px, rotation_deg, centre_px = [row, col], tilt0 = [h, k, l] or
                    tilt0_xy_invA = [x, y] (tilt of the display origin along e_x, e_y),
@@ -51,7 +51,8 @@ from .simulate import ForwardModel
 SECTIONS = {"crystal", "microscope", "simulation", "pattern", "geometry", "roi", "refine", "coarse", "run"}
 MICROSCOPE_KEYS = {"hv_kV", "zone", "x_axis", "normal"}
 SIMULATION_KEYS = {"thickness_A", "scattering_table", "absorption", "absorption_fraction", "solver",
-                   "g_max", "sg_max", "sg_strong", "bethe", "tile_invA", "beam_accuracy", "laue_zones"}
+                   "g_max", "sg_max", "sg_strong", "bethe", "tile_invA", "beam_accuracy", "laue_zones",
+                   "holz_lines"}
 GEOMETRY_KEYS = {"gl_px", "rotation_deg", "centre_px", "tilt0", "tilt0_xy_invA", "shift_px", "disk_shift_px",
                  "scale_y", "flip"}
 ROI_KEYS = {"disks", "regions", "padding", "disk_mask"}
@@ -161,6 +162,12 @@ def forward_model(cfg: RunConfig, crystal=None) -> ForwardModel:
         sel["bethe"] = s["bethe"]
     # "auto" starts from the zero-order Laue zone; the beam probe turns HOLZ on where it matters (pipeline.sized_model)
     sel["holz"] = laue_zones_of(cfg) == "holz"
+    if "holz_lines" in s:
+        if not isinstance(s["holz_lines"], bool):
+            raise QcbedInputError("simulation.holz_lines", "must be true or false")
+        if s["holz_lines"]:
+            # every HOLZ beam near its Bragg condition exact: the HOLZ lines of weakly coupled beams too
+            sel["holz_u_strong"] = 0.0
     kw = {}
     if "tile_invA" in s:
         kw["tile_invA"] = _number(s["tile_invA"], "simulation.tile_invA", positive=True)
@@ -725,7 +732,7 @@ SCHEMA: dict[str, _Table] = {
                           "absorption_fraction": _chk_number(ge=0.0, lt=1.0, fix="typical values are 0.02-0.1"),
                           "solver": _chk_string(("general", "hermitian", "auto")),
                           "g_max": _POSITIVE, "sg_max": _POSITIVE, "sg_strong": _POSITIVE, "bethe": _boolean,
-                          "tile_invA": _POSITIVE, "laue_zones": _chk_string(LAUE_ZONES),
+                          "tile_invA": _POSITIVE, "laue_zones": _chk_string(LAUE_ZONES), "holz_lines": _boolean,
                           "beam_accuracy": _chk_number(gt=0.0, lt=1.0, fix="a fraction of each disk's maximum, e.g. 0.005")},
                          required=("thickness_A",), fix={"thickness_A": "give the (starting) thickness in Å"}),
     "pattern": _Table({"kind": _chk_string(("cbed", "larbed"), fix='write kind = "cbed" (one image) or "larbed" (one image per reflection)'),

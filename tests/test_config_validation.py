@@ -261,3 +261,19 @@ def test_absent_data_say_where_to_get_them(tmp_path):
     err = _errors(here / "config.toml")
     assert err.fields == ["pattern.files"]
     assert "Felix-python" in str(err) and "shared/data/gesn-lacbed" in str(err)
+
+
+def test_laue_zones_and_holz_lines(run_dir):
+    """simulation.laue_zones must be one of its three words and holz_lines a boolean, each error naming its
+    field; "holz" turns the HOLZ beam set on, holz_lines keeps every near-Bragg HOLZ beam exact."""
+    from stages.config import forward_model
+
+    err = _errors(_write(run_dir, CBED.replace("sg_strong = 0.03", 'sg_strong = 0.03\nlaue_zones = "HOLZ"')))
+    assert err.field == "simulation.laue_zones" and "'auto', 'zolz', 'holz'" in str(err)
+    err = _errors(_write(run_dir, CBED.replace("sg_strong = 0.03", 'sg_strong = 0.03\nholz_lines = "yes"')))
+    assert err.field == "simulation.holz_lines"
+    cfg = validate_config(_write(run_dir, CBED.replace("sg_strong = 0.03", 'sg_strong = 0.03\nlaue_zones = "holz"\n'
+                                                                              'holz_lines = true')))
+    sel = forward_model(cfg).selection
+    assert sel.holz and sel.holz_u_strong == 0.0
+    assert not forward_model(validate_config(_write(run_dir, CBED))).selection.holz  # "auto" starts from ZOLZ

@@ -72,7 +72,8 @@ class Selection:
     holz_w_weak: float = 3e-4
     #: a HOLZ beam too close to the Bragg condition for perturbation (w >= w_strong somewhere in the tile) is a
     #: strong beam when its largest coupling to the strong beams max_h |U_{g-h} + iU'_{g-h}| reaches this [Å^-2],
-    #: and is left out otherwise (its HOLZ line is too faint to matter; see select_beams)
+    #: and is left out otherwise (its HOLZ line is too faint to matter; see select_beams).  0 keeps every such
+    #: beam (simulation.holz_lines = true): where the information is in the HOLZ line positions (voltage, cell)
     holz_u_strong: float = 5e-3
     #: HOLZ beams with min |s_g| <= this are strong whatever their coupling [Å^-1] (0: by coupling only; the
     #: reference selections of the convergence study set it to sg_strong)
