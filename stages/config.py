@@ -41,6 +41,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import QcbedInputError, QcbedInputErrors
+from .physics.beam_probe import LAUE_ZONES
 from .physics.beams import DEFAULT_SELECTION, Selection
 from .physics.crystal_io import crystal_from_mapping, load_crystal
 from .physics.gof import make_gof
@@ -175,9 +176,6 @@ def forward_model(cfg: RunConfig, crystal=None) -> ForwardModel:
     return ForwardModel(crystal if crystal is not None else crystal_of(cfg), hv, zone, x_axis=x_axis, normal=normal,
                         table=str(s.get("scattering_table", "peng")), absorption=str(s.get("absorption", "none")),
                         absorption_fraction=frac, selection=Selection(**sel), method=str(s.get("solver", "general")), **kw)
-
-
-LAUE_ZONES = ("auto", "zolz", "holz")
 
 
 def laue_zones_of(cfg: RunConfig) -> str:

@@ -41,6 +41,8 @@ from .bloch import coupling_matrices, solve
 
 #: strong-beam thresholds tried, smallest first [Å^-1] (searched by bisection: the error falls with sg_strong)
 SG_LADDER = (0.02, 0.025, 0.03, 0.035, 0.04, 0.045, 0.05, 0.055, 0.06, 0.07, 0.08, 0.09, 0.10, 0.12)
+#: simulation.laue_zones: the probe decides ("auto"), the zero-order Laue zone only, or every layer
+LAUE_ZONES = ("auto", "zolz", "holz")
 #: default target: |dI| <= 0.5 % of each output beam's maximum
 DEFAULT_ACCURACY = 0.005
 #: intensities below this fraction of the incident current do not set a beam's scale
@@ -149,8 +151,8 @@ def probe_selection(model, kt, out_hkl, thickness_A, accuracy: float = DEFAULT_A
     t0 = time.perf_counter()
     base = model.selection if base is None else base
     zones = laue_zones or ("holz" if base.holz else "zolz")
-    if zones not in ("zolz", "holz", "auto"):
-        raise QcbedInputError("simulation.laue_zones", f"must be 'auto', 'zolz' or 'holz', got {zones!r}")
+    if zones not in LAUE_ZONES:
+        raise QcbedInputError("simulation.laue_zones", f"must be one of {', '.join(map(repr, LAUE_ZONES))}, got {zones!r}")
     tile = float(model.tile_invA if tile_invA is None else tile_invA)
     out = np.atleast_2d(np.asarray(out_hkl, int))
     t = np.atleast_1d(np.asarray(thickness_A, float))

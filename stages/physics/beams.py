@@ -54,7 +54,7 @@ import numpy as np
 from ..errors import QcbedInputError
 from .crystal import Crystal
 from .geometry import Geometry
-from .structure_factors import Potential, unique_hkl
+from .structure_factors import Potential, hkl_key
 
 
 @dataclass(frozen=True)
@@ -102,12 +102,6 @@ class Selection:
 #: 1.3% at 3000 Å.  For thick zone-axis work use sg_strong = 0.08 (~210 beams: 0.2% at 1000 Å,
 #: 0.4% at 3000 Å).
 DEFAULT_SELECTION = Selection()
-
-
-def _keys(hkl) -> np.ndarray:
-    """One int64 per reflection (|h|, |k|, |l| < 2^20)."""
-    h = np.asarray(hkl, np.int64).reshape(-1, 3) + (1 << 20)
-    return (h[:, 0] << 42) | (h[:, 1] << 21) | h[:, 2]
 
 
 #: lattice_points results by (cell, space group, g_max, zone): a run selects beams for hundreds of tiles
@@ -211,7 +205,7 @@ def select_beams(geometry: Geometry, potential: Potential, kt_hkl, selection: Se
                                   f"{cr.spacegroup[0]}-centred lattice (its structure factor is zero by centring)",
                                   "check the indices and the cell setting")
     req_arr = np.array(req, np.int64).reshape(-1, 3)
-    extra = req_arr[~np.isin(_keys(req_arr), _keys(cand))]
+    extra = req_arr[~np.isin(hkl_key(req_arr), hkl_key(cand))]
     if len(extra):
         cand = np.vstack([extra, cand])
     cand = np.unique(cand, axis=0)
@@ -227,7 +221,7 @@ def select_beams(geometry: Geometry, potential: Potential, kt_hkl, selection: Se
         s_abs = np.maximum(s_abs - np.linalg.norm(grad, axis=2) * radius_invA / K, 0.0)
     s_min = s_abs.min(axis=0)
     tile = (kt[0].copy(), radius_invA) if radius_invA > 0 and len(kt) == 1 else (None, 0.0)
-    is_req = np.isin(_keys(cand), _keys(req_arr))
+    is_req = np.isin(hkl_key(cand), hkl_key(req_arr))
     in_pool = (s_min <= selection.sg_max) | is_req
     cand, s_min, is_req = cand[in_pool], s_min[in_pool], is_req[in_pool]
     hz = (cand @ np.asarray(geometry.zone)) != 0  # higher-order Laue zones
@@ -297,9 +291,9 @@ def _finish(cand, strong, weak, s_min, selection, req, tile=(None, 0.0)):
 
     si = order(strong)
     # 000 first, then the required beams, then the rest by excitation error
-    ck = _keys(cand)
+    ck = hkl_key(cand)
     sort = np.argsort(ck)
-    req_idx = sort[np.searchsorted(ck[sort], _keys(np.array(req, np.int64).reshape(-1, 3)))]
+    req_idx = sort[np.searchsorted(ck[sort], hkl_key(np.array(req, np.int64).reshape(-1, 3)))]
     rest = si[~np.isin(si, req_idx)]
     strong_hkl = cand[np.concatenate([req_idx, rest]).astype(int)]
     weak_hkl = cand[order(weak)] if weak.any() else np.zeros((0, 3), int)

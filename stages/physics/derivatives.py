@@ -40,15 +40,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .beams import BeamSet
-
-_KEY_OFFSET = 1 << 20
-
-
-def _hkl_key(hkl: np.ndarray) -> np.ndarray:
-    """One int64 per reflection (|h|, |k|, |l| < 2^20)."""
-    h = np.asarray(hkl, np.int64) + _KEY_OFFSET
-    return (h[..., 0] << 42) | (h[..., 1] << 21) | h[..., 2]
-
+from .structure_factors import hkl_key
 
 @dataclass
 class CouplingDerivative:
@@ -76,13 +68,13 @@ def coupling_derivatives(beams: BeamSet, dpot: list[dict], phase=None) -> list[C
     ph = np.ones(ns + nw, complex) if phase is None else np.asarray(phase, complex)
     blocks = {"ss": (s, s, ph[:ns], ph[:ns]), "sw": (s, w, ph[:ns], ph[ns:]), "ws": (w, s, ph[ns:], ph[:ns])}
     # the keys of g - h of each block once (the weak-weak block is never needed)
-    keys = {name: _hkl_key(r[:, None, :] - c[None, :, :]).ravel() for name, (r, c, _, _) in blocks.items()}
+    keys = {name: hkl_key(r[:, None, :] - c[None, :, :]).ravel() for name, (r, c, _, _) in blocks.items()}
     out = []
     for d in dpot:
         mats = {}
         hk = np.array(list(d.keys()), np.int64).reshape(-1, 3)
         vals = np.array(list(d.values()), complex)
-        kk = _hkl_key(hk)
+        kk = hkl_key(hk)
         order = np.argsort(kk)
         kk, vals = kk[order], vals[order]
         for name, (r, c, pr, pc) in blocks.items():

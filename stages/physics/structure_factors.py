@@ -243,16 +243,17 @@ def _unbox(keys: np.ndarray, box: dict) -> np.ndarray:
     return np.stack([r // s[1], r % s[1], c], 1) - box["half"][None, :]
 
 
-def _override_key(hkl: np.ndarray) -> np.ndarray:
+def hkl_key(hkl) -> np.ndarray:
+    """One int64 per reflection for hkl (..., 3) (|h|, |k|, |l| < 2^20): sortable, searchable keys."""
     h = np.asarray(hkl, np.int64) + (1 << 20)
-    return (h[:, 0] << 42) | (h[:, 1] << 21) | h[:, 2]
+    return (h[..., 0] << 42) | (h[..., 1] << 21) | h[..., 2]
 
 
 def _lookup(keys: np.ndarray, store: dict) -> tuple[np.ndarray, np.ndarray]:
     """(mask of keys present in the override dict ``store``, their values)."""
     if not store:
         return np.zeros(len(keys), bool), np.zeros(0, complex)
-    sk = _override_key(np.array(list(store.keys()), np.int64).reshape(-1, 3))
+    sk = hkl_key(np.array(list(store.keys()), np.int64).reshape(-1, 3))
     sv = np.array(list(store.values()), complex)
     o = np.argsort(sk)
     sk, sv = sk[o], sv[o]
@@ -394,7 +395,7 @@ class Potential:
             return hit
         u, up = self._iam_pair(hkl)
         if self._u or self._up:
-            k = _override_key(hkl)
+            k = hkl_key(hkl)
             hu, iu = _lookup(k, self._u)
             hp, ip = _lookup(k, self._up)
             if hu.any():
