@@ -39,7 +39,7 @@ from scipy.optimize import minimize
 from .errors import QcbedInputError
 from .physics.gof import BaseGOF
 from .physics.pattern_geometry import PatternGeometry
-from .physics.sampling import convolve_valid, cubic_sample, cubic_sample_stack, voigt_kernel
+from .physics.sampling import convolve_valid, cubic_support, sample_covariance_product, sampled_variance, voigt_kernel
 from .physics.structure_factors import centric_phase, related_reflections
 from .simulate import ForwardModel
 
@@ -257,10 +257,22 @@ class FineProblem:
             self.images.append(img)
             self.valids.append(val)
             self.variances.append(var)
+        # the metric's variance of every recorded pixel (None: it uses none), propagated to each sample as
+        # sum w^2 sigma^2 (:meth:`experimental`); one map per image (CBED: the disks share one)
+        self.pixel_variances, self._good = [], []
+        pv_of: dict = {}
+        for img, val, var in zip(self.images, self.valids, self.variances):
+            k = id(img)
+            if k not in pv_of:
+                pv = self.gof.pixel_variance(img, var)
+                pv_of[k] = (None if pv is None else np.asarray(pv, float), np.asarray(val, bool) & np.isfinite(img))
+            self.pixel_variances.append(pv_of[k][0])
+            self._good.append(pv_of[k][1])
         self._names = self._geometry_names()
-        self.beam_cache: dict = {}
         self._var_floor: dict = {}
-        self._stacks: dict = {}
+        self._kappa = None
+        self.variance_factor  # fixed now, at the initial geometry (later starts move pg0)
+        self.beam_cache: dict = {}
         self._sim_memo: tuple = (None, {})  # (solution, {(thickness, psf sigma, gamma): simulated})
 
     # ---------------------------------------------------------------- geometry vector
@@ -382,49 +394,102 @@ class FineProblem:
         return out
 
     def experimental(self, g: dict):
-        """Experimental intensity, variance and usability (nd, n_inner) at geometry g."""
+        """Experimental intensity, variance and usability (nd, n_inner) at geometry g.
+
+        Samples are cubic convolutions of the pixels (:func:`~stages.physics.sampling.cubic_support`).  The
+        variance given to the metric (its weights) is the interpolated pixel-variance map times the run's
+        fixed factor :attr:`variance_factor` (see :meth:`_sampled`); None when the metric uses no variance."""
+        exp, var, ok, _, _ = self.experimental_support(g)
+        return exp, var, ok
+
+    def experimental_support(self, g: dict):
+        """:meth:`experimental` with the samples' supports and exact variances: (exp, var, ok, (idx, weights),
+        var_exact); idx (nd, n_inner, 16) indexes the concatenation of :meth:`pixel_variance_flat`, weights
+        (nd, n_inner, 16) the interpolation weights, var_exact = sum w^2 sigma^2 (None without a variance)."""
         pg = self._pg(g)
         xy = pg.tilt_to_display(self.kt_inner)
         nd, n = len(self.disks), len(self.kt_inner)
-        has_var = self.variances[0] is not None
+        has_var = self.pixel_variances[0] is not None
         if pg.kind == "cbed":  # one image: sample every disk in one call
             rc = pg.display_to_pixel(np.tile(xy, (nd, 1)), np.repeat(self.disks, n, axis=0))
-            exp, ok = cubic_sample(self.images[0], rc[:, 0], rc[:, 1], self.valids[0])
-            var = self._variance_at(0, rc) if has_var else None
+            exp, var, vex, ok, sup = self._sampled(0, rc)
+            idx, w = sup.idx.reshape(nd, n, 16), sup.weights.reshape(nd, n, 16)
             exp, ok = exp.reshape(nd, n), ok.reshape(nd, n)
             var = var.reshape(nd, n) if has_var else None
-            return exp, var, ok & self.included
+            vex = vex.reshape(nd, n) if has_var else None
+            return exp, var, ok & self.included, (idx, w), vex
         exp = np.full((nd, n), np.nan)
         var = np.full((nd, n), np.nan) if has_var else None
+        vex = np.full((nd, n), np.nan) if has_var else None
         ok = np.zeros((nd, n), bool)
+        idx = np.zeros((nd, n, 16), np.int64)
+        w = np.zeros((nd, n, 16))
         for d, h in enumerate(self.disks):
             rc = pg.display_to_pixel(xy, h)
-            if has_var:  # intensity and variance share the interpolation weights
-                (exp[d], v), ok[d] = cubic_sample_stack(self._stack(d), rc[:, 0], rc[:, 1], self.valids[d])
-                var[d] = self._floored(d, v)
-            else:
-                exp[d], ok[d] = cubic_sample(self.images[d], rc[:, 0], rc[:, 1], self.valids[d])
-        return exp, var, ok & self.included
+            exp[d], v, ve, ok[d], sup = self._sampled(d, rc)
+            if has_var:
+                var[d], vex[d] = v, ve
+            idx[d] = sup.idx + d * self.images[d].size
+            w[d] = sup.weights
+        return exp, var, ok & self.included, (idx, w), vex
 
-    def _stack(self, d: int) -> np.ndarray:
-        if d not in self._stacks:
-            self._stacks[d] = np.stack([np.asarray(self.images[d], float), np.asarray(self.variances[d], float)])
-        return self._stacks[d]
+    def pixel_variance_flat(self) -> np.ndarray | None:
+        """The pixel variances of the images the samples index (:meth:`experimental_support`), flat: one image
+        for CBED, the disks' images in ROI order for LARBED."""
+        if self.pixel_variances[0] is None:
+            return None
+        if self.pg0.kind == "cbed":
+            return self.pixel_variances[0].ravel()
+        return np.concatenate([v.ravel() for v in self.pixel_variances])
 
-    def _variance_at(self, d: int, rc) -> np.ndarray:
-        """The variance map of disk d sampled at pixels rc like the intensity (cubic convolution), floored
-        at the map's smallest valid value: the interpolation kernel's negative lobes undershoot next to
-        a sharp peak (Poisson sigma^2 = I of a bright line), and a variance never falls below the
-        smallest one of the pixels it is interpolated from."""
-        var, _ = cubic_sample(self.variances[d], rc[:, 0], rc[:, 1], self.valids[d])
-        return self._floored(d, var)
+    @property
+    def variance_factor(self) -> float | None:
+        """kappa: the mean of sum w^2 sigma^2 / (interpolated variance) over the ROI's usable samples at the
+        problem's initial geometry, fixed for the run (None without a variance).
 
-    def _floored(self, d: int, var: np.ndarray) -> np.ndarray:
+        Why the metric's weights are kappa x the interpolated variance map sum w sigma^2 and not the exact
+        variance of each sample sum w^2 sigma^2 (:func:`~stages.physics.sampling.sampled_variance`): the exact
+        one swings by 2.4x within every pixel (sum w^2 = 1 on a pixel, 0.41 half-way in both directions), so
+        weights from it would give the figure of merit a pixel-scale ripple in every sampling-geometry
+        parameter and, wherever the model misfits, pull the geometry towards samples on pixel centres (their
+        larger variance hides the misfit).  Any fixed positive weights give an unbiased least-squares
+        estimate; kappa makes them the right size on average (chi^2 / nu_eff = 1 for exact noise), and the
+        uncertainties and nu_eff use the exact variances and covariances of the samples
+        (:func:`sample_correlation_terms`), so the errors are right for these weights."""
+        if self.pixel_variances[0] is None:
+            return None
+        if self._kappa is None:
+            self._kappa = 1.0
+            _, var, ok, _, vex = self.experimental_support(self.geometry_start())
+            good = ok & np.isfinite(var) & np.isfinite(vex) & (var > 0)
+            self._kappa = float(vex[good].sum() / var[good].sum()) if good.any() else 1.0
+        return self._kappa
+
+    def _sampled(self, d: int, rc):
+        """(values, weight variance, exact variance, ok, support) of disk d's image at pixels rc (n, 2); the
+        variances are None without a pixel variance.  Weight variance: kappa (:attr:`variance_factor`) x the
+        interpolated variance map, floored at the map's smallest valid value (the kernel's negative lobes
+        undershoot beside a sharp peak, a Poisson sigma^2 = I of a bright line)."""
+        img = self.images[d]
+        sup = cubic_support(img.shape, rc[:, 0], rc[:, 1])
+        ok = sup.inside & self._good[d].ravel()[sup.idx].all(axis=1)
+        patch = img.ravel()[sup.idx]
+        vals = np.where(ok, np.einsum("nk,nk->n", sup.weights, np.where(np.isfinite(patch), patch, 0.0)), np.nan)
+        pv = self.pixel_variances[d]
+        if pv is None:
+            return vals, None, None, ok, sup
+        vp = pv.ravel()[sup.idx]
+        smooth = np.where(ok, np.maximum(np.einsum("nk,nk->n", sup.weights, vp), self._floor(d)), np.nan)
+        exact = np.where(ok, sampled_variance(pv, sup), np.nan)
+        kappa = self._kappa if self._kappa is not None else self.variance_factor
+        return vals, kappa * smooth, exact, ok, sup
+
+    def _floor(self, d: int) -> float:
         if d not in self._var_floor:
-            v, ok = self.variances[d], self.valids[d]
+            v, ok = self.pixel_variances[d], self._good[d]
             good = ok & np.isfinite(v) & (v > 0)
             self._var_floor[d] = float(v[good].min()) if good.any() else np.nan
-        return np.where(np.isfinite(var), np.maximum(var, self._var_floor[d]), var)
+        return self._var_floor[d]
 
     def gof_at(self, sol, g: dict):
         self.counters["inner_evaluations"] += 1
@@ -593,6 +658,9 @@ class FineResult:
     #: per parameter: the Gauss-Newton step -(J^T J)^-1 J^T r from the reported point (the linearised
     #: distance to the least-squares optimum); small against sigma when the search has converged
     gauss_newton_step: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    #: how ``sigma`` was made (:func:`_uncertainties`): method (or why undefined), defined, dof_effective,
+    #: chi2_effective
+    sigma_info: dict = field(default_factory=dict)
 
     @property
     def zncc_mean(self) -> float:
@@ -710,7 +778,7 @@ def refine(problem: FineProblem, max_iterations: int = 200, xatol: float = 1e-4,
     exp_best, sim_best, used_best = _fit_arrays(problem, sol, g_best, fit)
     fit_arrays = {"exp": exp_best, "sim": sim_best, "model": np.asarray(fit.model, float),
                   "residual": np.asarray(fit.residual, float), "used": used_best}
-    sigma, corr, step = _uncertainties(problem, values_sf, g_best, sol, fit, jac=gn_info.get("jac"))
+    sigma, corr, step, sig_info = _uncertainties(problem, values_sf, g_best, sol, fit, jac=gn_info.get("jac"))
     counters = dict(problem.counters)
     counters.update({"outer_evaluations": len(memo), "outer_iterations": it, "outer_s": t_outer,
                      "gauss_newton_steps": gn_info["steps"], "gauss_newton_accepted": gn_info["accepted"],
@@ -721,7 +789,8 @@ def refine(problem: FineProblem, max_iterations: int = 200, xatol: float = 1e-4,
                       gof_start=float(gof_start), scale=float(fit.scale), background=np.asarray(fit.background),
                       geometry=g_best, trace=trace, counters=counters, n_points=int(fit.n_points), dof=dof,
                       converged=converged, fit=fit_arrays, zncc=zncc_per_disk(exp_best, sim_best, used_best),
-                      zncc_start=np.asarray(start["zncc"], float), gauss_newton_step=step)
+                      zncc_start=np.asarray(start["zncc"], float), gauss_newton_step=step,
+                      sigma_info=sig_info)
 
 
 def _fit_arrays(problem: FineProblem, sol, g: dict, fit):
@@ -819,34 +888,189 @@ def _jacobian(problem: FineProblem, values_sf, g, sol, fit):
     return J, np.where(np.isfinite(r0), r0, 0.0)
 
 
+#: how the standard errors are computed (the report and results.json state it)
+SIGMA_METHOD = ("sandwich covariance of the linearised least-squares estimate: cov = A⁻¹ (Jᵀ R J) A⁻¹ × "
+                "max(1, χ²/ν_eff), A = JᵀJ, J the Jacobian of the weighted residuals (scale and backgrounds "
+                "profiled), R the covariance of the normalised samples from the pixel noise they share (cubic "
+                "convolution of independent pixels), ν_eff = tr(R) − tr(H R) the effective degrees of freedom")
+
+
+def _linear_columns(problem: FineProblem, sim, used, sigma) -> np.ndarray:
+    """Columns d r / d(scale, backgrounds) of the normalised residuals (n_used, n_linear) of the Chi2 metrics'
+    closed-form linear model (none for other metrics)."""
+    from .physics.gof import Chi2
+
+    gof = problem.gof
+    if not isinstance(gof, Chi2):
+        return np.zeros((int(used.sum()), 0))
+    nd = sim.shape[0]
+    disk = np.broadcast_to(np.arange(nd)[:, None], sim.shape)[used]
+    t = sim[used] / sigma
+    one = 1.0 / sigma
+    cols = []
+    if gof.per_disk_scale:
+        cols += [np.where(disk == d, t, 0.0) for d in np.unique(disk)]
+    else:
+        cols.append(t)
+    if gof.fit_background:
+        if gof.per_disk or gof.per_disk_scale:
+            cols += [np.where(disk == d, one, 0.0) for d in np.unique(disk)]
+        else:
+            cols.append(one)
+    return np.stack(cols, axis=1)
+
+
+def sample_correlation_terms(problem: FineProblem, sol, g: dict, fit, J: np.ndarray):
+    """(J^T R J, nu_eff = tr(R) - tr(H R), n_used) at geometry g for the Jacobian J of the normalised residuals on the used
+    samples of ``fit``, or None when the metric has no pixel variance.
+
+    R = D⁻¹ W Σ Wᵀ D⁻¹ is the covariance matrix of the normalised samples: x = W p, p the independent pixels
+    with variances Σ (the metric's :meth:`~stages.physics.gof.BaseGOF.pixel_variance`), D the samples'
+    sigmas.  Its products come from the sparse supports (:func:`~stages.physics.sampling.sample_covariance_product`)
+    without forming R.  tr(H R), H the hat matrix of [J, linear columns], is the expected drop of χ² below n
+    by the fit: E[χ²] = tr(R) − tr(H R) for correlated samples (= n − p for independent ones with exact
+    weights); tr(R) = Σ exact variance / weight variance (:attr:`FineProblem.variance_factor`)."""
+    pv = problem.pixel_variance_flat()
+    if pv is None:
+        return None
+    exp, var, ok, (idx, w), vex = problem.experimental_support(g)
+    used = np.isfinite(fit.model) if fit.model is not None else ok
+    sim = problem.simulated(sol, g)
+    from .physics.gof import Chi2
+    s2 = np.asarray(problem.gof.sigma2(sim, exp, var), float) if isinstance(problem.gof, Chi2) else var
+    sig = np.sqrt(s2[used])
+    L = _linear_columns(problem, sim, used, sig)
+    X = np.hstack([J, L])
+    M = sample_covariance_product(X / sig[:, None], idx[used], w[used], pv)
+    XtX = X.T @ X
+    tr_hr = float(np.trace(np.linalg.pinv(XtX) @ M))
+    tr_r = float(np.sum(vex[used] / s2[used]))  # E[r_i^2] = exact variance / weight variance
+    nj = J.shape[1]
+    return M[:nj, :nj], tr_r - tr_hr, int(used.sum())
+
+
+#: display-space step [px] of the model gradient behind the sampling-geometry columns of the uncertainties
+MODEL_GRADIENT_PX = 0.25
+
+
+def _is_sampling(name: str) -> bool:
+    """Geometry parameters that move the experimental sampling points (not the simulation)."""
+    return name != "thickness" and not name.startswith("psf")
+
+
+def model_geometry_columns(problem: FineProblem, sol, g: dict, fit, sigma) -> dict:
+    """Jacobian columns of the normalised residuals for the sampling-geometry parameters, from the expected
+    data (the fitted model) instead of the recorded pixels: {name: column on the used samples}.
+
+    A sampling-geometry parameter moves the points where the pattern is sampled, so its data-side column
+    (:func:`_jacobian`) is the gradient of the interpolated noisy pixels: the noise's own gradient adds
+    information that is not there (on the shipped CBED example it made the shift errors 1.5x too small, and
+    decorrelated them from gl and rotation).  Here d x_i/d theta = grad m(xy_i) . d xy_i/d theta, with m the
+    model c I + b as a function of display position (central differences of +-:data:`MODEL_GRADIENT_PX` px
+    in x and y: four more tile solves, without derivatives, at the same beam sets) and d xy_i/d theta the
+    motion of sample i's pixel seen in the current geometry (central differences of
+    :func:`geometry_fd_step`).  Profiled like the others: the scale and background columns are projected out."""
+    names = [n for n in problem.geometry_names if _is_sampling(n)]
+    if not names:
+        return {}
+    used = np.isfinite(fit.model)
+    pg = problem._pg(g)
+    xy_all = pg.tilt_to_display(problem.kt)
+    grads = []
+    for axis in (0, 1):
+        pair = []
+        for sgn in (1.0, -1.0):
+            xy2 = xy_all.copy()
+            xy2[:, axis] += sgn * MODEL_GRADIENT_PX
+            t0 = time.perf_counter()
+            s2 = problem.model.solve_tiled(pg.display_to_tilt(xy2), problem.disks, beam_cache=problem.beam_cache)
+            problem.counters["eigen_solves"] += 1
+            problem.counters["solve_s"] += time.perf_counter() - t0
+            pair.append(problem.sim_transform(s2.intensities([g["thickness"]])[:, 0, :].T, g))
+        grads.append((pair[0] - pair[1]) / (2 * MODEL_GRADIENT_PX))
+    scale = np.asarray(fit.scales if fit.scales is not None else np.full(len(problem.disks), fit.scale), float)
+    dm = scale[:, None, None] * np.stack(grads, axis=-1)  # (nd, n_inner, 2) counts per display px
+    xy = pg.tilt_to_display(problem.kt_inner)
+    sim = problem.simulated(sol, g)
+    L = _linear_columns(problem, sim, used, sigma)
+    proj = (lambda c: c - L @ np.linalg.lstsq(L, c, rcond=None)[0]) if L.shape[1] else (lambda c: c)
+    out = {}
+    for name in names:
+        h = geometry_fd_step(problem, g, name)
+        moved = []
+        for sgn in (1.0, -1.0):
+            pgh = problem._pg({**g, name: g[name] + sgn * h})
+            xyh = pgh.tilt_to_display(problem.kt_inner)
+            moved.append(np.stack([pg.pixel_to_display(pgh.display_to_pixel(xyh, d), d) for d in problem.disks]))
+        dxy = (moved[0] - moved[1]) / (2 * h)  # (nd, n_inner, 2) display px per unit of the parameter
+        dx = np.sum(dm * dxy, axis=-1)  # d(expected sample)/d theta
+        out[name] = proj(-dx[used] / sigma)
+    return out
+
+
 def _uncertainties(problem: FineProblem, values_sf, g, sol, fit, jac=None, profiled=None):
-    """Standard errors, correlations and the Gauss-Newton step, from the Jacobian J of the profiled
-    weighted residuals r at the reported point (:func:`_jacobian`, or ``jac`` when already computed
-    there): cov = (J^T J)^-1 max(1, reduced chi^2) and step = -(J^T J)^-1 J^T r (all parameters
-    jointly, linearised: where the least-squares optimum lies from here; a step of several sigma
-    means the search stopped short of it).  ``profiled``: parameters at their optimum by a direct search
-    at this point, whose gradient is taken as 0 (:func:`_lm_proposal`)."""
+    """Standard errors, correlations, the Gauss-Newton step and how the errors were made, from the Jacobian
+    J of the profiled weighted residuals r at the reported point (:func:`_jacobian`, or ``jac`` when
+    already computed there).
+
+    Covariance (:data:`SIGMA_METHOD`): the samples are cubic convolutions of independent pixels, so
+    neighbouring samples share noise (a ROI sampled at half-pixel steps has each pixel in ~4 samples per
+    line); the weighted least-squares estimate is still unbiased, but its covariance is the sandwich
+    A⁻¹ (Jᵀ R J) A⁻¹ (A = JᵀJ), not A⁻¹, which would be too small by about the oversampling.  It is
+    The sampling-geometry columns are taken from the expected data (:func:`model_geometry_columns`), not from
+    the gradient of the noisy pixels.  The covariance is scaled by max(1, χ²/ν_eff) with ν_eff = tr(R) − tr(H R) (exact noise: χ²/ν_eff = 1 on average; above 1 the
+    model or the noise is underestimated and the errors grow with it).  step = -A⁻¹ Jᵀ r (all parameters
+    jointly, linearised: where the least-squares optimum lies from here; a step of several sigma means the
+    search stopped short of it).  ``profiled``: parameters at their optimum by a direct search at this
+    point, whose gradient is taken as 0 (:func:`_lm_proposal`).
+
+    A metric with ``uncertainty_undefined`` (not a chi^2: XCorrelation, a seed-style metric) gets NaN
+    errors and correlations with that reason, and so does a metric without a pixel variance (no noise
+    model to scale them).  Returns (sigma, correlation, step, info); info:
+    method (or the reason the errors are undefined), dof_effective, chi2_effective (χ²/ν_eff).
+    """
     J, r = _jacobian(problem, values_sf, g, sol, fit) if jac is None else jac
     n = J.shape[1]
     nf = problem.n_free()
+    info = {"method": SIGMA_METHOD, "defined": True, "dof_effective": None, "chi2_effective": None}
     if n == 0:
-        return np.zeros(0), np.zeros((0, 0)), np.zeros(0)
-    # scaled by the reduced chi^2 when it exceeds 1 (model or noise underestimated), never scaled
-    # down: interpolated samples average pixel noise, so chi^2 < 1 does not mean smaller errors
-    red = max(1.0, float(problem.gof.reduced(fit, nf)))
+        return np.zeros(0), np.zeros((0, 0)), np.zeros(0), info
     try:
         inv = np.linalg.pinv(J.T @ J)
     except np.linalg.LinAlgError:
-        return np.full(n, np.nan), np.full((n, n), np.nan), np.full(n, np.nan)
-    cov = inv * red
+        return np.full(n, np.nan), np.full((n, n), np.nan), np.full(n, np.nan), {**info, "defined": False,
+                                                                                 "method": "singular Jacobian"}
     b = J.T @ r
     if profiled is not None:
         b = np.where(np.asarray(profiled, bool), 0.0, b)
     step = -inv @ b
+    reason = getattr(problem.gof, "uncertainty_undefined", None)
+    terms = None if reason else sample_correlation_terms(problem, sol, g, fit, J)
+    if reason or terms is None:
+        reason = reason or f"the metric {problem.gof.name} has no noise model (no pixel variance)"
+        return np.full(n, np.nan), np.full((n, n), np.nan), step, {**info, "defined": False, "method": reason}
+    J = np.array(J, float)
+    model_cols = {}
+    if any(_is_sampling(nm) for nm in problem.geometry_names):
+        exp, var, _ = problem.experimental(g)
+        from .physics.gof import Chi2
+        s2 = problem.gof.sigma2(problem.simulated(sol, g), exp, var) if isinstance(problem.gof, Chi2) else var
+        model_cols = model_geometry_columns(problem, sol, g, fit, np.sqrt(np.asarray(s2, float)[np.isfinite(fit.model)]))
+    names = [p.label for p in problem.sf] + problem.geometry_names
+    for j, nm in enumerate(names):
+        if nm in model_cols:
+            J[:, j] = model_cols[nm]
+    if model_cols:
+        inv = np.linalg.pinv(J.T @ J)
+        terms = sample_correlation_terms(problem, sol, g, fit, J)
+    M, dof_eff, n_used = terms
+    chi2_eff = float(fit.value) / dof_eff if dof_eff > 0 else float("nan")
+    cov = inv @ M @ inv * max(1.0, chi2_eff if np.isfinite(chi2_eff) else 1.0)
     sig = np.sqrt(np.clip(np.diag(cov), 0, None))
     with np.errstate(invalid="ignore", divide="ignore"):
         corr = cov / np.outer(sig, sig)
-    return sig, corr, step
+    info.update(dof_effective=float(dof_eff), chi2_effective=chi2_eff)
+    return sig, corr, step, info
 
 
 #: geometry kept physical by the Gauss-Newton polish: PSF widths >= these (tilt steps), thickness >= 1 Å
@@ -1103,7 +1327,7 @@ def levenberg_marquardt(problem: FineProblem, max_steps: int = 200, tol_sigma: f
     exp_b, sim_b, used_b = _fit_arrays(problem, sol, g, fit)
     fit_arrays = {"exp": exp_b, "sim": sim_b, "model": np.asarray(fit.model, float),
                   "residual": np.asarray(fit.residual, float), "used": used_b}
-    sigma, corr, step = _uncertainties(problem, v, g, sol, fit, jac=(J, r), profiled=prof)
+    sigma, corr, step, sig_info = _uncertainties(problem, v, g, sol, fit, jac=(J, r), profiled=prof)
     counters = dict(problem.counters)
     counters.update({"optimizer": "levenberg-marquardt", "outer_evaluations": k, "outer_iterations": k,
                      "lm_steps": k, "lm_accepted": n_acc, "lm_rejected": k - n_acc,
@@ -1116,4 +1340,4 @@ def levenberg_marquardt(problem: FineProblem, max_steps: int = 200, tol_sigma: f
                       scale=float(fit.scale), background=np.asarray(fit.background), geometry=dict(g), trace=trace,
                       counters=counters, n_points=int(fit.n_points), dof=dof, converged=converged, fit=fit_arrays,
                       zncc=zncc_per_disk(exp_b, sim_b, used_b), zncc_start=np.asarray(zncc_start, float),
-                      gauss_newton_step=step)
+                      gauss_newton_step=step, sigma_info=sig_info)

@@ -744,6 +744,10 @@ def _run_fine_lm(plan: Plan, problem, key: str, say=_say) -> dict:
     return {"resumed_from": resumed}
 
 
+def _float_or_nan(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
 def fine_dataset(problem, res, trace: dict | None, resumed_from=None) -> xr.Dataset:
     """fine.zarr: refined values ± sigma, correlations, fit statistics, geometry, trace, counters, and the
     ZNCC per disk at the start and at the optimum (``zncc_start``, ``zncc``; their means in the attrs)."""
@@ -762,7 +766,8 @@ def fine_dataset(problem, res, trace: dict | None, resumed_from=None) -> xr.Data
     units += ["Å" if n == "thickness" else "deg" if n == "rotation" else "px" for n in problem.geometry_names]
     data = {
         "value": (("param",), np.asarray(res.values, float)),
-        "sigma": (("param",), np.asarray(res.sigma, float), {"long_name": "standard error, scaled by max(1, reduced chi^2)"}),
+        "sigma": (("param",), np.asarray(res.sigma, float), {"long_name": "standard error (NaN: undefined, see the "
+                                                                          "sigma_method attribute)"}),
         "start": (("param",), start),
         "range_lo": (("param",), range_lo, {"long_name": "lower end of the search range (structure factors: the "
                                                          "configured range; geometry: the inner search box)"}),
@@ -814,6 +819,9 @@ def fine_dataset(problem, res, trace: dict | None, resumed_from=None) -> xr.Data
     ds.attrs.update({
         "gof_name": problem.gof.name, "gof": float(res.gof), "gof_start": float(res.gof_start), "scale": float(res.scale),
         "n_points": int(res.n_points), "dof": int(res.dof), "converged": int(res.converged),
+        "sigma_method": str(res.sigma_info.get("method", "")), "sigma_defined": int(bool(res.sigma_info.get("defined"))),
+        "dof_effective": _float_or_nan(res.sigma_info.get("dof_effective")),
+        "chi2_effective": _float_or_nan(res.sigma_info.get("chi2_effective")),
         "geometry": json.dumps(geo), "pattern_geometry": json.dumps(problem._pg(res.geometry).as_dict()),
         "counters": json.dumps(res.counters), "resumed_from_iteration": -1 if resumed_from is None else int(resumed_from),
         "disks": json.dumps(problem.disks.tolist()),

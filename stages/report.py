@@ -65,6 +65,8 @@ ZNCC_DEFINITION = ("ZNCC = Σ (e − ē)(s − s̄) / sqrt(Σ (e − ē)² Σ (s
                    "used, e = experimental samples, s = simulated intensity (PSF applied); start: the start structure "
                    "factors with the geometry the inner loop finds for them; end: the optimum; mean: plain mean over "
                    "the disks")
+#: how the standard errors of stores written before qcbed 0.7 were made (later stores record theirs in the
+#: fine store's ``sigma_method`` attribute, :data:`stages.fine.SIGMA_METHOD`)
 SIGMA_DEFINITION = ("standard errors from the Jacobian of the weighted residuals at the optimum, "
                     "cov = (JᵀJ)⁻¹ × max(1, reduced χ²); scale and backgrounds profiled")
 #: |correlation| above which a pair of parameters is flagged
@@ -425,7 +427,10 @@ def summarize(run_dir) -> dict:
         "parameters": params,
         "structure_factors": sf_rows,
         "correlation": {"names": names, "matrix": corr.tolist(), "high": high, "threshold": HIGH_CORRELATION},
-        "sigma_definition": SIGMA_DEFINITION,
+        "sigma_definition": a.get("sigma_method") or SIGMA_DEFINITION,
+        "sigma_defined": bool(a.get("sigma_defined", 1)),
+        "dof_effective": _num(a.get("dof_effective")),
+        "chi2_effective": _num(a.get("chi2_effective")),
         "fit": fit_statistics(fine),
         "geometry": json.loads(a["geometry"]), "geometry_table": _geometry_table(fine), "pattern_geometry": pg,
         "counters": json.loads(a["counters"]),
@@ -488,7 +493,9 @@ def _warnings(s: dict) -> list[str]:
     for h in s["correlation"]["high"]:
         w.append(f"{h['a']} and {h['b']} are strongly correlated (r = {h['r']:+.3f}): their individual errors are "
                  "not independent.")
-    for p in s["parameters"]:
+    if not s.get("sigma_defined", True):
+        w.append(f"Standard errors are undefined: {s['sigma_definition']}.")
+    for p in s["parameters"] if s.get("sigma_defined", True) else ():
         if not (math.isfinite(p["sigma"]) and p["sigma"] > 0):
             w.append(f"{p['name']}: no standard error (the fit does not constrain it).")
     far = [p for p in s["parameters"] if p.get("gauss_newton_step") is not None and p["sigma"] > 0
@@ -685,6 +692,9 @@ def _fit_summary_rows(s: dict) -> tuple[list[str], list[list[Cell]]]:
         [Cell("points used"), N(s["n_points"], key="fit/n_points")],
         [Cell("refined parameters (+ scale and backgrounds, profiled)"), N(s["n_parameters"], key="fit/n_parameters")],
         [Cell("degrees of freedom"), N(s["dof"], key="fit/dof")],
+        [Cell("effective degrees of freedom ν_eff (samples share pixel noise)"),
+         N(s.get("dof_effective"), key="fit/dof_effective", digits=5)],
+        [Cell("χ²/ν_eff (σ are scaled by it where > 1)"), N(s.get("chi2_effective"), key="fit/chi2_effective", digits=4)],
         [Cell("scale (counts per unit incident intensity)"), N(s["scale"], key="fit/scale")],
         [Cell("outer iterations"), N(s["iterations"], key="fit/iterations")],
         [Cell("converged"), Cell("yes" if s["converged"] else "NO")],
@@ -781,11 +791,15 @@ _UPRIME_NOTES = {
 }
 
 
-def sf_notes(absorption_model: str | None) -> list[str]:
+def sf_notes(absorption_model: str | None, sigma_definition: str | None = None) -> list[str]:
     """The notes under the structure-factor tables; the U′_g line names the run's absorption model
-    (the ``absorption_model`` attribute of structure_factors.zarr, e.g. 'bird_king: ...')."""
+    (the ``absorption_model`` attribute of structure_factors.zarr, e.g. 'bird_king: ...'), the σ line the
+    run's way of making its standard errors (or why they are undefined)."""
     kind = (absorption_model or "").split(":")[0].strip()
-    return SF_NOTES[:-1] + [_UPRIME_NOTES.get(kind, SF_NOTES[-1])]
+    notes = SF_NOTES[:-1] + [_UPRIME_NOTES.get(kind, SF_NOTES[-1])]
+    if sigma_definition:
+        notes[3] = "σ: " + sigma_definition + ". V_g and F_x are linear in U_g at fixed hkl: σ propagated linearly."
+    return notes
 
 
 def _sections(s: dict) -> list[tuple[str, str, object]]:
@@ -817,7 +831,7 @@ def _sections(s: dict) -> list[tuple[str, str, object]]:
         blocks.append(("table", "", (hx, rx)))
     else:
         blocks.append(("p", "", "No structure factor was refined (or structure_factors.zarr is missing)."))
-    blocks.append(("notes", "", sf_notes(s["reproducibility"].get("absorption_model"))))
+    blocks.append(("notes", "", sf_notes(s["reproducibility"].get("absorption_model"), s.get("sigma_definition"))))
     blocks.append(("h3", "Correlation matrix", None))
     blocks.append(("table", "corr", _corr_table(s)))
     blocks.append(("h2", "Fit", None))

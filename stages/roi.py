@@ -25,7 +25,7 @@ import xarray as xr
 
 from .errors import QcbedInputError
 from .physics.pattern_geometry import PatternGeometry
-from .physics.sampling import cubic_sample
+from .physics.sampling import cubic_sample, cubic_support, sampled_variance
 
 
 @dataclass(frozen=True)
@@ -152,9 +152,8 @@ def build_roi(pattern: xr.Dataset, pg: PatternGeometry, regions: list[Region], d
         v, ok = cubic_sample(img, r, c, ok_pix)
         inten[d, sel] = v
         valid[d, sel] = ok
-        if vimg is not None:
-            vv, okv = cubic_sample(vimg, r, c, ok_pix)
-            var[d, sel] = vv
+        if vimg is not None:  # the variance of the interpolated sample, sum w^2 sigma^2 (independent pixels)
+            var[d, sel] = np.where(ok, sampled_variance(vimg, cubic_support(img.shape, r, c)), np.nan)
     n_included = int(include.sum())
     if valid.sum() == 0:
         raise QcbedInputError("roi", f"none of the {n_included} ROI points has valid data (all masked, unrecorded or NaN)",

@@ -84,7 +84,9 @@ def test_closed_form_equals_lstsq(name, fit_background):
     sim, exp, variance, mask = _random_data(rng)
     metric, per_disk = CHI2_METRICS[name]
     metric = type(metric)(*([YAG] if isinstance(metric, Chi2Const) else []), fit_background=fit_background)
-    fit = metric.fit(sim, exp, variance=variance, mask=mask)
+    # the Poisson and detector metrics use a given variance as it is (see test_given_variance_is_used), so they
+    # are checked here on their own formula, without one
+    fit = metric.fit(sim, exp, variance=variance if name.startswith("Chi2_LARBED") else None, mask=mask)
 
     used = mask & np.isfinite(sim) & np.isfinite(exp)
     if name.startswith("Chi2_LARBED"):
@@ -157,6 +159,21 @@ def test_reduced_chi2_is_one_for_the_assumed_noise(name):
             == pytest.approx(0.25, abs=0.0125)
 
 
+@pytest.mark.parametrize("name", ["Chi2", "Chi2_const", "Chi2_multibackground"])
+def test_given_variance_is_used(name):
+    """A variance given to the Poisson or detector metric (the fine stage passes each sample's variance
+    propagated from the pixels, sum w^2 sigma^2) replaces the formula at the sample: the fit equals
+    weighted least squares with it; the pixel formula is what pixel_variance gives."""
+    rng = np.random.default_rng(5)
+    sim, exp, variance, mask = _random_data(rng)
+    metric, per_disk = CHI2_METRICS[name]
+    fit = metric.fit(sim, exp, variance=variance, mask=mask)
+    used = mask & np.isfinite(sim) & np.isfinite(exp) & np.isfinite(variance)
+    c, b, chi2, _ = _lstsq(sim, exp, variance, used, per_disk)
+    assert fit.scale == pytest.approx(c, rel=1e-8) and fit.value == pytest.approx(chi2, rel=1e-8)
+    np.testing.assert_allclose(metric.pixel_variance(exp), _sigma2(name, exp, None), rtol=1e-12)
+
+
 # ----------------------------------------------------------------------------- 3. dof
 def test_dof_counts():
     rng = np.random.default_rng(31)
@@ -180,7 +197,7 @@ def test_dof_counts():
     }
     for name, (n_points, n_linear) in expected.items():
         metric = CHI2_METRICS[name][0]
-        fit = metric.fit(sim, exp, variance=var, mask=mask)
+        fit = metric.fit(sim, exp, variance=var if name.startswith("Chi2_LARBED") else None, mask=mask)
         assert (fit.n_points, fit.n_linear) == (n_points, n_linear), name
         assert metric.reduced(fit, 7) == fit.value / (n_points - n_linear - 7)
     # all disks used: n_linear = 1 + n_disks

@@ -270,9 +270,20 @@ class BaseGOF(abc.ABC):
 
     name: str = "BaseGOF"
 
+    #: None when the metric is a chi^2 whose curvature gives standard errors; else why it gives none (the
+    #: fine stage then reports every uncertainty as undefined, with this reason)
+    uncertainty_undefined: str | None = None
+
     @abc.abstractmethod
     def fit(self, sim, exp, variance=None, mask=None) -> Fit:
         """Fit c sim + b to exp over the used points; arrays (n_disks, n_points), mask True = use."""
+
+    def pixel_variance(self, image, variance=None):
+        """Variance [counts^2] of each recorded pixel of ``image`` (H, W) for this metric, or None if it uses
+        none.  The fine stage propagates it through the interpolation to each sample (sum_k w_k^2 sigma_k^2,
+        :func:`stages.physics.sampling.sampled_variance`) and passes that to :meth:`fit` as ``variance``;
+        ``variance`` here is the variance map of the pattern (variance stage), when there is one."""
+        return None
 
     def reduced(self, fit: Fit, n_free: int) -> float:
         """value / dof with dof = n_points - n_linear - n_free (QcbedInputError if dof <= 0)."""
@@ -295,6 +306,8 @@ class XCorrelation(BaseGOF):
     """1 - Pearson r over used points; ``variance`` is ignored (see the module docstring)."""
 
     name = "XCorrelation"
+    uncertainty_undefined = ("1 - r is not a chi^2: its curvature carries no noise scale, so it gives no standard "
+                             "errors (use a chi^2 metric for uncertainties)")
 
     def fit(self, sim, exp, variance=None, mask=None) -> Fit:
         sim, exp, _, used = _prepare(sim, exp, mask)
@@ -341,15 +354,21 @@ class Chi2(BaseGOF):
         self.fit_background = bool(fit_background)
 
     def sigma2(self, sim, exp, variance):
-        """Variance [counts^2] of each point (evaluated everywhere; only used points matter)."""
-        return poisson_variance(exp)
+        """Variance [counts^2] of each point (evaluated everywhere; only used points matter): ``variance``
+        when given (the fine stage passes each sample's variance propagated from :meth:`pixel_variance`),
+        else the Poisson variance of ``exp`` taken as recorded pixels."""
+        return poisson_variance(exp) if variance is None else variance
+
+    def pixel_variance(self, image, variance=None):
+        """Poisson sigma^2 = max(I, 1) of each recorded pixel."""
+        return poisson_variance(image)
 
     def _variance_error(self, n_bad: int):
         raise QcbedInputError("variance", f"sigma^2 from {type(self).__name__}.sigma2 is not finite "
                               f"and > 0 at {n_bad} used point(s)", "fix sigma2() or mask those points")
 
     def fit(self, sim, exp, variance=None, mask=None) -> Fit:
-        sim, exp, var, used = _prepare(sim, exp, mask, variance, use_variance=self.uses_variance)
+        sim, exp, var, used = _prepare(sim, exp, mask, variance, use_variance=self.uses_variance or variance is not None)
         s2 = np.asarray(self.sigma2(sim, exp, var), dtype=np.float64)
         bad = used & ~(np.isfinite(s2) & (s2 > 0))
         if bad.any():
@@ -384,7 +403,11 @@ class Chi2Const(Chi2):
         self.detector = _detector(detector)
 
     def sigma2(self, sim, exp, variance):
-        return self.detector.variance(exp)
+        return self.detector.variance(exp) if variance is None else variance
+
+    def pixel_variance(self, image, variance=None):
+        """The detector model's sigma^2 of each recorded pixel."""
+        return self.detector.variance(image)
 
     def _variance_error(self, n_bad: int):
         raise QcbedInputError("pattern.detector", f"the detector variance is 0 at {n_bad} used "
@@ -410,6 +433,13 @@ class Chi2LARBED(Chi2):
 
     def sigma2(self, sim, exp, variance):
         return variance
+
+    def pixel_variance(self, image, variance=None):
+        """The pattern's variance map (required)."""
+        if variance is None:
+            raise QcbedInputError("variance", "this metric needs a variance per pixel, none given",
+                                  "give the variance map of the pattern, or use a detector-model metric")
+        return np.asarray(variance, float)
 
 
 class Chi2LARBEDMultiBackground(Chi2LARBED):
