@@ -360,3 +360,72 @@ def test_the_hermiticity_check_catches_the_old_phase_rule(monkeypatch):
         pot.set((1, 1, 2), U=0.01 + 0.004j)
     monkeypatch.setattr(sf, "related_reflections", good)
     pot.set((1, 1, 2), U=0.01 + 0.004j)
+
+
+# ------------------------------------------------------------------ refined components of acentric reflections
+def _model(name):
+    from stages.simulate import ForwardModel
+
+    zone = {"quartz P3221": (0, 0, 1), "GaAs F-43m": (1, -1, 0)}[name]
+    return ForwardModel(case(name).crystal, HV, zone)
+
+
+def test_acentric_reflections_refine_named_amplitude_and_phase():
+    from stages.fine import apply_sf, sf_params_from_config
+
+    m = _model("GaAs F-43m")
+    for entry in ({"hkl": [1, 1, 1], "refine": ["U"]}, {"hkl": [1, 1, 1]}, {"hkl": [1, 1, 1], "refine": ["Uprime"]}):
+        with pytest.raises(QcbedInputError, match="acentric") as info:
+            sf_params_from_config(m, [{"hkl": [2, 0, 0], "refine": ["U"]}, entry])
+        assert info.value.field == "refine.reflections[1].refine" and "_amp" in str(info.value)
+    assert "defaults to" in str(pytest.raises(QcbedInputError, sf_params_from_config, m, [{"hkl": [1, 1, 1]}]).value)
+    with pytest.raises(QcbedInputError, match="centric") as info:
+        sf_params_from_config(m, [{"hkl": [2, 0, 0], "refine": ["U_amp"]}])
+    assert info.value.field == "refine.reflections[0].refine" and "['U']" in str(info.value)
+    with pytest.raises(QcbedInputError, match="twice"):
+        sf_params_from_config(m, [{"hkl": [1, 1, 1], "refine": ["U_amp", "U_amp"]}])
+    with pytest.raises(QcbedInputError, match="not refined"):
+        sf_params_from_config(m, [{"hkl": [1, 1, 1], "refine": ["U_amp"], "U_phase_range": [0.0, 10.0]}])
+    with pytest.raises(QcbedInputError, match=">= 0"):
+        sf_params_from_config(m, [{"hkl": [1, 1, 1], "refine": ["U_amp"], "U_range": [-0.01, 0.02]}])
+
+    g = case("GaAs F-43m")
+    iam = m.potential.iam([[1, 1, 1]])[0]
+    # amplitude only: the phase stays; every related reflection is the IAM scaled by the same real factor
+    (amp,) = sf_params_from_config(m, [{"hkl": [1, 1, 1], "refine": ["U_amp"], "range_percent": 10}])
+    assert amp.component == "U_amp" and amp.x0 == pytest.approx(abs(iam)) and amp.hi == pytest.approx(1.1 * abs(iam))
+    apply_sf(m, [amp], [1.07 * abs(iam)])
+    fam = np.array(sorted(g.family((1, 1, 1))))
+    np.testing.assert_allclose(m.potential.get(fam)[0], 1.07 * g.u(fam), rtol=1e-12)
+    # phase only, in a given range: the amplitude stays, U(h) = IAM e^{i delta}; the rest follows gemmi's operations
+    m = _model("GaAs F-43m")
+    (ph,) = sf_params_from_config(m, [{"hkl": [1, 1, 1], "refine": ["U_phase"], "U_phase_range": [0.0, 80.0]}])
+    assert (ph.lo, ph.hi) == (0.0, 80.0) and ph.x0 == pytest.approx(np.degrees(np.angle(iam)))
+    apply_sf(m, [ph], [70.0])
+    val = abs(iam) * np.exp(70j * np.pi / 180)
+    u = dict(zip(map(tuple, fam), m.potential.get(fam)[0]))
+    for op in g.ops:
+        k = tuple(op.apply_to_hkl([1, 1, 1]))
+        assert abs(u[k] - val * np.exp(-1j * op.phase_shift([1, 1, 1]))) < 1e-14
+        assert abs(u[(-k[0], -k[1], -k[2])] - np.conj(u[k])) < 1e-14
+
+
+def test_quartz_amplitude_and_phase_set_every_related_reflection():
+    """Quartz (1 1 2), acentric with complex symmetry phases: amplitude and phase refined, any value; the 12
+    related reflections are Hermitian and equal the real combination of two symmetric structures."""
+    from stages.fine import apply_sf, sf_params_from_config
+
+    m = _model("quartz P3221")
+    c = case("quartz P3221")
+    params = sf_params_from_config(m, [{"hkl": [1, 1, 2], "refine": ["U_amp", "U_phase", "Uprime_amp", "Uprime_phase"],
+                                        "Uprime_range": [0.0, 1e-3]}])
+    apply_sf(m, params, [0.011, 33.0, 4e-4, -20.0])
+    fam = np.array(sorted(c.family((1, 1, 2))))
+    u, up = m.potential.get(fam)
+    fa, fb = c.fe([(1, 1, 2)])[0], c.fe([(1, 1, 2)], c.atoms_b)[0]
+    A = np.array([[fa.real, fb.real], [fa.imag, fb.imag]])
+    for got, v in ((u, 0.011 * np.exp(33j * np.pi / 180)), (up, 4e-4 * np.exp(-20j * np.pi / 180))):
+        a, b = np.linalg.solve(A, [v.real, v.imag])
+        np.testing.assert_allclose(got, a * c.fe(fam) + b * c.fe(fam, c.atoms_b), rtol=0, atol=1e-12 * abs(v))
+        neg = {tuple(-h): x for h, x in zip(fam, got)}
+        assert max(abs(neg[tuple(h)] - np.conj(x)) for h, x in zip(fam, got)) < 1e-12 * abs(v)
