@@ -684,9 +684,16 @@ DECONVOLUTION_SCHEMA = _Table({"mtf": _file((".npy", ".tif", ".tiff", ".dm3", ".
 REGION_SCHEMA = _Table({"corners": _anything, "samples": _anything}, required=("corners", "samples"),
                        fix={"corners": "three display points [[x1, y1], [x2, y2], [x3, y3]]",
                             "samples": "two positive counts [n12, n13]"})
-REFLECTION_SCHEMA = _Table({"hkl": _INT_TRIPLE, "refine": _strings_from(("U", "Uprime")),
+def _sf_components(v, f, ctx):
+    from .fine import SF_COMPONENTS  # centric 'U', 'Uprime'; acentric 'U_amp', 'U_phase', 'Uprime_amp', 'Uprime_phase'
+
+    _strings_from(SF_COMPONENTS)(v, f, ctx)
+
+
+REFLECTION_SCHEMA = _Table({"hkl": _INT_TRIPLE, "refine": _sf_components,
                             "range_percent": _chk_number(gt=0.0, le=100.0), "U_range": _chk_interval(),
-                            "Uprime_range": _chk_interval(), "U": _chk_number(), "Uprime": _chk_number()},
+                            "Uprime_range": _chk_interval(), "U_phase_range": _chk_interval(),
+                            "Uprime_phase_range": _chk_interval(), "U": _chk_number(), "Uprime": _chk_number()},
                            required=("hkl",), fix={"hkl": "give hkl = [h, k, l]"})
 
 

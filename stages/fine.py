@@ -99,33 +99,84 @@ class SFParam:
         return f"{self.component}({' '.join(map(str, self.hkl))})"
 
 
+#: The refined structure-factor components a reflection may name in ``refine``: a centric reflection (U fixed by
+#: the space group up to sign along its phase line exp(i phi0)) has one real number each for U and U'; an
+#: acentric one has an amplitude and a phase [degrees] each, named explicitly.
+CENTRIC_COMPONENTS = ("U", "Uprime")
+ACENTRIC_COMPONENTS = ("U_amp", "U_phase", "Uprime_amp", "Uprime_phase")
+SF_COMPONENTS = CENTRIC_COMPONENTS + ACENTRIC_COMPONENTS
+#: Keys of one entry of refine.reflections.
+REFLECTION_KEYS = ("hkl", "refine", "range_percent", "U_range", "Uprime_range", "U_phase_range", "Uprime_phase_range",
+                   "U", "Uprime")
+#: Default half-range [degrees] of a refined phase.
+PHASE_HALF_RANGE_DEG = 30.0
+
+
 def sf_params_from_config(model: ForwardModel, reflections: list, field_prefix: str = "refine.reflections") -> list[SFParam]:
-    """Refined components from the config: [{hkl, refine = ['U', 'Uprime'], range_percent, U_range, Uprime_range, U, Uprime}]."""
+    """Refined components from the config: [{hkl, refine, range_percent, U_range, Uprime_range, U_phase_range,
+    Uprime_phase_range, U, Uprime}].
+
+    ``refine`` (default ["U"]): for a centric reflection 'U' and/or 'Uprime', each one signed real number
+    along the reflection's phase line; for an acentric reflection (no space-group operation maps h to -h, so
+    its phase is free) 'U_amp', 'U_phase', 'Uprime_amp', 'Uprime_phase', in any combination: amplitude only,
+    phase only, or both.  A plain 'U' on an acentric reflection is refused rather than silently turned into two
+    parameters (it changes the number of parameters, their covariance and the phase range), and 'U_amp' or
+    'U_phase' on a centric one is refused (its phase is fixed).  Ranges: ``U_range`` / ``Uprime_range`` [Å^-2]
+    bound the signed value (centric) or the amplitude (acentric, >= 0); ``U_phase_range`` /
+    ``Uprime_phase_range`` [degrees] the phase (default the start ± 30); ``range_percent`` (default 5) the
+    value or amplitude when no range is given.  ``U`` / ``Uprime``: the start, a signed value along the phase
+    line (centric) or the amplitude at the current phase (acentric).
+    """
     if not isinstance(reflections, list) or not reflections:
         raise QcbedInputError(field_prefix, "list the reflections to refine, e.g. [{hkl = [1, -1, -1], refine = ['U']}]")
     out = []
     for i, r in enumerate(reflections):
         f = f"{field_prefix}[{i}]"
-        allowed = {"hkl", "refine", "range_percent", "U_range", "Uprime_range", "U", "Uprime"}
         if not isinstance(r, dict) or "hkl" not in r:
             raise QcbedInputError(f, "needs hkl = [h, k, l]")
-        bad = set(r) - allowed
+        bad = set(r) - set(REFLECTION_KEYS)
         if bad:
-            raise QcbedInputError(f"{f}.{sorted(bad)[0]}", "unknown key", f"allowed: {', '.join(sorted(allowed))}")
+            raise QcbedInputError(f"{f}.{sorted(bad)[0]}", "unknown key", f"allowed: {', '.join(sorted(REFLECTION_KEYS))}")
         hkl = tuple(int(x) for x in r["hkl"])
+        name = " ".join(map(str, hkl))
         comps = r.get("refine", ["U"])
+        if not isinstance(comps, list) or not all(isinstance(c, str) for c in comps):
+            raise QcbedInputError(f"{f}.refine", f"must be a list of component names, got {comps!r}",
+                                  f"choose from {', '.join(SF_COMPONENTS)}")
+        for comp in comps:
+            if comp not in SF_COMPONENTS:
+                raise QcbedInputError(f"{f}.refine", f"unknown component {comp!r}", f"choose from {', '.join(SF_COMPONENTS)}")
+        if len(set(comps)) != len(comps):
+            raise QcbedInputError(f"{f}.refine", f"a component is listed twice in {comps!r}", "list each once")
         pot = model.potential
         phi0 = centric_phase(model.crystal, hkl)
+        if phi0 is None and set(comps) & set(CENTRIC_COMPONENTS):
+            c = next(x for x in comps if x in CENTRIC_COMPONENTS)
+            raise QcbedInputError(
+                f"{f}.refine", f"reflection {name} is acentric (no operation of {model.crystal.spacegroup} maps it to its "
+                f"Friedel mate, so its phase is free): {c!r} would refine two parameters, amplitude and phase"
+                + (" (refine defaults to ['U'])" if "refine" not in r else ""),
+                f"give refine = ['{c}_amp', '{c}_phase'], or only one of them to keep the other fixed")
+        if phi0 is not None and set(comps) & set(ACENTRIC_COMPONENTS):
+            c = next(x for x in comps if x in ACENTRIC_COMPONENTS)
+            base = c.split("_")[0]
+            raise QcbedInputError(
+                f"{f}.refine", f"reflection {name} is centric: its phase is fixed by the space group at "
+                f"{np.degrees(phi0):.1f} or {np.degrees(phi0) + 180:.1f} degrees, so {base} is one signed real "
+                f"number, and {c!r} does not apply", f"use refine = ['{base}']")
+        for key in ("U_phase_range", "Uprime_phase_range"):
+            if key in r and key.replace("_range", "") not in comps:
+                raise QcbedInputError(f"{f}.{key}", f"is given but {key.replace('_range', '')!r} is not refined",
+                                      f"add {key.replace('_range', '')!r} to refine, or remove {key}")
         u_now, up_now = (complex(v[0]) for v in pot.get([hkl]))
         pct = float(r.get("range_percent", 5.0)) / 100.0
         for comp in comps:
-            if comp not in ("U", "Uprime"):
-                raise QcbedInputError(f"{f}.refine", f"unknown component {comp!r}", "use 'U' and/or 'Uprime'")
-            now = u_now if comp == "U" else up_now
-            if comp in r:
-                now = complex(r[comp]) if phi0 is None else complex(r[comp]) * np.exp(1j * phi0)
-            rng = r.get(f"{comp}_range")
+            base = comp.split("_")[0]
+            now = u_now if base == "U" else up_now
+            rng = r.get(f"{base}_range")
             if phi0 is not None:
+                if base in r:
+                    now = complex(r[base]) * np.exp(1j * phi0)
                 val = float((now * np.exp(-1j * phi0)).real)
                 if rng is not None:
                     lo, hi = sorted(float(x) for x in rng)
@@ -134,16 +185,38 @@ def sf_params_from_config(model: ForwardModel, reflections: list, field_prefix: 
                 else:
                     lo, hi = -ZERO_IAM_HALF_RANGE, ZERO_IAM_HALF_RANGE
                 if not lo < hi:
-                    raise QcbedInputError(f"{f}.{comp}_range", f"empty range [{lo}, {hi}]", "give lo < hi in 1/Å^2")
-                if not lo <= val <= hi:
-                    val = min(max(val, lo), hi)
-                out.append(SFParam(hkl, comp, lo, hi, val))
+                    raise QcbedInputError(f"{f}.{base}_range", f"empty range [{lo}, {hi}]", "give lo < hi in 1/Å^2")
+                out.append(SFParam(hkl, comp, lo, hi, min(max(val, lo), hi)))
+                continue
+            if base in r and f"{base}_amp" not in comps:
+                raise QcbedInputError(f"{f}.{base}", f"is the start amplitude of the acentric {name}, but "
+                                      f"{base + '_amp'!r} is not refined", f"add {base + '_amp'!r} to refine, or remove {base}")
+            if base in r:  # the start amplitude, at the current phase
+                amp0 = float(r[base])
+                if amp0 < 0:
+                    raise QcbedInputError(f"{f}.{base}", f"is the start amplitude of the acentric {name}: must be >= 0, "
+                                          f"got {amp0}", "give |U| in 1/Å^2 (the phase is U_phase)")
+                now = amp0 * np.exp(1j * np.angle(now))
+            amp, ph = abs(now), float(np.degrees(np.angle(now)))
+            if comp.endswith("_amp"):
+                if rng is not None:
+                    lo, hi = sorted(float(x) for x in rng)
+                    if lo < 0:
+                        raise QcbedInputError(f"{f}.{base}_range", f"bounds the amplitude of the acentric {name}: "
+                                              f"must be >= 0, got [{lo}, {hi}]", "give 0 <= lo < hi in 1/Å^2")
+                else:
+                    lo, hi = (amp * (1 - pct), amp * (1 + pct)) if amp > 1e-9 else (0.0, ZERO_IAM_HALF_RANGE)
+                out.append(SFParam(hkl, comp, lo, hi, min(max(amp, lo), hi)))
             else:
-                amp, ph = abs(now), float(np.degrees(np.angle(now)))
-                lo, hi = (sorted(float(x) for x in rng) if rng is not None else
-                          ((amp * (1 - pct), amp * (1 + pct)) if amp > 1e-9 else (0.0, ZERO_IAM_HALF_RANGE)))
-                out.append(SFParam(hkl, comp + "_amp", lo, hi, min(max(amp, lo), hi)))
-                out.append(SFParam(hkl, comp + "_phase", ph - 30.0, ph + 30.0, ph))
+                prng = r.get(f"{base}_phase_range")
+                if prng is not None:
+                    lo, hi = sorted(float(x) for x in prng)
+                    if not lo < hi:
+                        raise QcbedInputError(f"{f}.{base}_phase_range", f"empty range [{lo}, {hi}]", "give lo < hi in degrees")
+                    ph = ph + 360.0 * np.round(((lo + hi) / 2 - ph) / 360.0)  # the start's turn nearest the range
+                else:
+                    lo, hi = ph - PHASE_HALF_RANGE_DEG, ph + PHASE_HALF_RANGE_DEG
+                out.append(SFParam(hkl, comp, lo, hi, min(max(ph, lo), hi)))
     return out
 
 

@@ -277,3 +277,22 @@ def test_laue_zones_and_holz_lines(run_dir):
     sel = forward_model(cfg).selection
     assert sel.holz and sel.holz_u_strong == 0.0
     assert not forward_model(validate_config(_write(run_dir, CBED))).selection.holz  # "auto" starts from ZOLZ
+
+
+def test_acentric_reflections_name_amplitude_and_phase(run_dir):
+    """GaAs (F-43m): 1 -1 -1 is acentric. Plain "U" there is refused, naming the entry's refine field; U_amp /
+    U_phase pass the schema and the builder; on a centric reflection (2 -2 0) they are refused."""
+    shutil.copy(DATA.parent / "tests" / "data" / "gaas.cif", run_dir.parent / "gaas.cif")
+    gaas = CBED.replace('file = "../si.cif"', 'file = "../gaas.cif"')
+    err = _errors(_write(run_dir, gaas))
+    assert err.fields == ["refine.reflections[0].refine"]
+    assert "acentric" in str(err) and "U_amp" in str(err) and "U_phase" in str(err)
+    for comps in ('["U_amp", "U_phase"]', '["U_amp"]', '["U_phase"]', '["U_amp", "U_phase", "Uprime_amp"]'):
+        validate_config(_write(run_dir, gaas.replace('refine = ["U"]', f"refine = {comps}, U_phase_range = [-60.0, 0.0]"
+                                                     if "U_phase" in comps else f"refine = {comps}")))
+    centric = gaas.replace('reflections = [{hkl = [1, -1, -1], refine = ["U"], range_percent = 5}]',
+                           'reflections = [{hkl = [1, -1, -1], refine = ["U_amp"]}, {hkl = [2, -2, 0], refine = ["U_phase"]}]')
+    err = _errors(_write(run_dir, centric))
+    assert err.fields == ["refine.reflections[1].refine"] and "centric" in str(err)
+    err = _errors(_write(run_dir, gaas.replace('refine = ["U"]', 'refine = ["U_ampl"]')))
+    assert err.fields == ["refine.reflections[0].refine"] and "Uprime_phase" in str(err)

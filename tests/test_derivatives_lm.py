@@ -67,7 +67,8 @@ def test_derivatives_of_acentric_amplitude_and_phase():
                                  "atoms": [{"label": "Ga", "xyz": [0, 0, 0], "B": 0.62},
                                            {"label": "As", "xyz": [0.25, 0.25, 0.25], "B": 0.48}]})
     m = ForwardModel(gaas, 200.0, (1, -1, 0), absorption="proportional", absorption_fraction=0.05)
-    params = sf_params_from_config(m, [{"hkl": [1, 1, 1], "refine": ["U"]}, {"hkl": [0, 0, 2], "refine": ["U"]}])
+    params = sf_params_from_config(m, [{"hkl": [1, 1, 1], "refine": ["U_amp", "U_phase"]},
+                                       {"hkl": [0, 0, 2], "refine": ["U"]}])
     assert [p.component for p in params] == ["U_amp", "U_phase", "U"]
     out = np.array([[0, 0, 0], [1, 1, 1], [-1, -1, -1], [0, 0, 2], [1, 1, -1], [2, 2, 0]])
     kt = m.geometry.kt_from_xy(np.array([0.0, 0.012]), np.array([0.0, -0.006]))

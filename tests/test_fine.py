@@ -209,7 +209,8 @@ def test_sf_parameters_centric_and_acentric():
                                  "atoms": [{"label": "Ga", "xyz": [0, 0, 0], "B": 0.62},
                                            {"label": "As", "xyz": [0.25, 0.25, 0.25], "B": 0.48}]})
     m = ForwardModel(gaas, 200.0, (1, -1, 0))
-    params = sf_params_from_config(m, [{"hkl": [1, 1, 1], "refine": ["U", "Uprime"], "Uprime_range": [0.0, 2e-3]},
+    params = sf_params_from_config(m, [{"hkl": [1, 1, 1], "refine": ["U_amp", "U_phase", "Uprime_amp", "Uprime_phase"],
+                                        "Uprime_range": [0.0, 2e-3]},
                                        {"hkl": [2, 0, 0], "refine": ["U"]}])
     assert [p.component for p in params] == ["U_amp", "U_phase", "Uprime_amp", "Uprime_phase", "U"]
     iam111 = m.potential.iam([[1, 1, 1]])[0]

@@ -41,7 +41,7 @@ def test_equivalent_phases_match_atom_sums(name):
         f0 = sf.electron_structure_factor(cr, [hkl])[0]
         for h2, p, conj in sf.related_reflections(cr, hkl):
             f2 = sf.electron_structure_factor(cr, [h2])[0]
-            expect = np.conj(p * f0) if conj else p * f0
+            expect = p * np.conj(f0) if conj else p * f0  # U(-h') = conj(p_h') conj(U(h)), listed as p
             assert abs(f2 - expect) < 1e-10 * max(1.0, abs(f0)), (name, hkl, h2)
 
 

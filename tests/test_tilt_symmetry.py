@@ -144,7 +144,7 @@ def test_default_on(si, zone):
 
 def test_derivatives_map_like_intensities(si):
     """dI/dp (n_tilts, n_param, n_out) of a symmetric perturbation expands like the intensities."""
-    from stages.physics.structure_factors import related_reflections
+    from stages.physics.structure_factors import propagate
     from stages.simulate import TiledSolution
 
     if not hasattr(TiledSolution, "derivatives"):
@@ -153,7 +153,7 @@ def test_derivatives_map_like_intensities(si):
     dpot = []
     for h0 in ((1, 1, 1), (2, 2, 0)):
         v = complex(m.potential.get([h0])[0][0])  # p = scale of U(h0): dU(h')/dp = phase * U(h0)
-        dpot.append({h: (np.conj(p * v) if conj else p * v) for h, p, conj in related_reflections(si, h0)})
+        dpot.append(propagate(si, h0, v))
     kt = _grid(m, n=3)
     out = lattice_points(si, 0.8, (1, 1, 0))
     full = m.solve_tiled(kt, out, symmetry=False, threads=1, dpot=dpot, deriv_thickness_A=1000.0)

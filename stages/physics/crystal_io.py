@@ -47,6 +47,70 @@ def _beta_from_b6(b6) -> tuple:
 
 
 # ----------------------------------------------------------------------------------- CIF
+def _op_key(op: gemmi.Op) -> tuple:
+    """An operation as (rotation, translation modulo one cell) in gemmi's integer units."""
+    return tuple(map(tuple, op.rot)), tuple(int(t) % gemmi.Op.DEN for t in op.tran)
+
+
+def _cif_value(path: Path, block_name: str, tag: str) -> str | None:
+    try:
+        doc = gemmi.cif.read(str(path))
+        block = doc.find_block(block_name) or doc[0]
+        v = block.find_value(tag)
+    except (RuntimeError, ValueError, IndexError):
+        return None
+    if v is None:
+        return None
+    v = gemmi.cif.as_string(v).strip()
+    return None if v in ("", "?", ".") else v
+
+
+def _cif_spacegroup(st: gemmi.SmallStructure, path: Path) -> gemmi.SpaceGroup:
+    """The space group of a CIF, with the operations the coordinates were given in.
+
+    * A listed ``_space_group_symop_operation_xyz`` (or ``_symmetry_equiv_pos_as_xyz``) loop decides: it must
+      be a tabulated setting (gemmi.find_spacegroup_by_ops), and its operations (centring included) must be
+      the group's, else an error names the loop.
+    * Otherwise the Hall symbol, or the H-M symbol with its origin choice.  gemmi's small-structure reader
+      takes origin choice 2 for a bare H-M symbol and ignores ``_space_group_IT_coordinate_system_code``,
+      so a CIF of Si in origin choice 1 (Si at 0 0 0) would be read with the origin-2 operations (16 atoms
+      in the cell, not 8): the code is honoured here, and a group with two origin choices and neither a
+      code, a qualified symbol (``F d -3 m:1``), a Hall symbol nor an operation loop is an error.
+    """
+    where = f"{path}: _space_group"
+    if st.symops:
+        tag = f"{path}: _space_group_symop_operation_xyz"
+        try:
+            listed = [gemmi.Op(t) for t in st.symops]
+        except (RuntimeError, ValueError) as exc:
+            raise QcbedInputError(tag, f"cannot read the symmetry operations: {exc}") from None
+        ops = gemmi.GroupOps(listed)
+        sg = gemmi.find_spacegroup_by_ops(ops)
+        if sg is None:
+            raise QcbedInputError(tag, "the listed operations are not a tabulated space-group setting",
+                                  "give the operations of a standard setting, or the H-M symbol with its origin choice")
+        if {_op_key(o) for o in listed} - {_op_key(o) for o in sg.operations()}:
+            raise QcbedInputError(tag, f"the listed operations are not all operations of {sg.xhm()}",
+                                  "check the operation loop against the space-group symbol")
+        return sg
+    sg = st.spacegroup
+    if sg is None:
+        raise QcbedInputError(where, "space group not found or not recognised",
+                              "add _space_group_name_H-M_alt or _space_group_symop_operation_xyz")
+    if st.spacegroup_hall.strip() or ":" in st.spacegroup_hm or sg.ext not in ("1", "2"):
+        return sg
+    code = _cif_value(path, st.name, "_space_group_IT_coordinate_system_code")
+    if code is None:
+        raise QcbedInputError(where, f"{sg.hm} has two origin choices and the CIF does not say which",
+                              "add _space_group_IT_coordinate_system_code 1 or 2, or the operation loop "
+                              "_space_group_symop_operation_xyz")
+    chosen = gemmi.find_spacegroup_by_name(f"{sg.hm}:{code}") if code in ("1", "2") else None
+    if chosen is None:
+        raise QcbedInputError(f"{path}: _space_group_IT_coordinate_system_code",
+                              f"{code!r} is not an origin choice of {sg.hm}", "give 1 or 2")
+    return chosen
+
+
 def read_cif(path: str | Path) -> Crystal:
     path = Path(path)
     try:
@@ -56,10 +120,7 @@ def read_cif(path: str | Path) -> Crystal:
     cell = (st.cell.a, st.cell.b, st.cell.c, st.cell.alpha, st.cell.beta, st.cell.gamma)
     if st.cell.a <= 1e-6:
         raise QcbedInputError(f"{path}: _cell_length_a", "the CIF has no unit cell", "add the _cell_* items")
-    sg = st.spacegroup
-    if sg is None:
-        raise QcbedInputError(f"{path}: _space_group", "space group not found or not recognised",
-                              "add _space_group_name_H-M_alt or _space_group_symop_operation_xyz")
+    sg = _cif_spacegroup(st, path)
     sites = []
     for i, s in enumerate(st.sites):
         el = s.element.name if s.element.atomic_number > 0 else normalise_element(

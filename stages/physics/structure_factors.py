@@ -14,8 +14,17 @@ U'_g = γ F'/(πΩ), F'(g) = Σ_j occ_j f'_j(s) T_j(g) exp(-2πi g·r_j) with f'
 The crystallographic X-ray convention exp(+2πi h·x) is the complex conjugate; exports for X-ray
 programs conjugate explicitly.
 
-Symmetry: for an operation x' = R x + t of the space group, F(h R) = F(h) exp(+2πi h·t)
-(h a row vector).  Friedel: U_{-g} = U_g* for a real potential (and U'_{-g} = U'_g*).
+Symmetry, in this phase convention.  An operation x' = R x + t (fractional coordinates, R acting on
+the column x) maps the atoms of the cell onto themselves, with Debye-Waller exponents β' = R β R^T, so
+
+    F(h) = Σ_j f_j T_j(h) exp(-2πi h·(R x_j + t)) = exp(-2πi h·t) Σ_j f_j T_j(h R) exp(-2πi (h R)·x_j)
+         = exp(-2πi h·t) F(h R),   i.e.   F(h R) = F(h) exp(+2πi h·t)
+
+(h a row vector, h R the row vector times the matrix; T'(h) = exp(-h R β R^T h^T) = T(h R)).  Friedel: U_{-g}
+= U_g* for a real potential (and U'_{-g} = U'_g* for the real absorptive potential), so the Friedel mate of
+an equivalent takes the conjugate phase as well: U(-h R) = exp(-2πi h·t) U(h)*.  gemmi's Op.phase_shift is
+-2π h·t (its X-ray convention exp(+2πi h·x)): F(h R) = F(h) exp(-i phase_shift) here.  The centring
+translations are operations too, so systematic absences (h R = h with h·t not an integer) follow.
 """
 
 from __future__ import annotations
@@ -195,7 +204,9 @@ def centric_phase(crystal: Crystal, hkl) -> float | None:
     """Allowed phase φ0 [rad] of a centric reflection (U = ±|U| e^{iφ0}), or None if acentric.
 
     A reflection is centric when -h is a space-group equivalent of h, U(-h) = p U(h); with
-    Friedel's U(-h) = U(h)* this fixes U(h) up to sign: φ0 = -arg(p)/2.
+    Friedel's U(-h) = U(h)* this fixes U(h) up to sign: U(h)* = p U(h), e^{-2iφ} = p, φ0 = -arg(p)/2
+    (mod π).  For a screw or glide operation h·t need not be an integer: e.g. P3_2 21, (0 k l) is centric
+    through x-y, -y, -z+1/3 with p = exp(2πi l/3), φ0 = -π l/3.
     """
     h0 = tuple(int(x) for x in _as_hkl(hkl)[0])
     for h, p in symmetry_equivalents(crystal, h0):
@@ -205,10 +216,12 @@ def centric_phase(crystal: Crystal, hkl) -> float | None:
 
 
 def related_reflections(crystal: Crystal, hkl) -> list[tuple[tuple[int, int, int], complex, bool]]:
-    """All reflections whose U follows from U(hkl): [(h', p, conj)] with U(h') = p·U or p·conj(U).
+    """All reflections whose U follows from U(hkl): [(h', q, conj)] with U(h') = q·U (conj False) or
+    U(h') = q·conj(U) (conj True); use :func:`propagate` rather than writing the rule out again.
 
-    Space-group equivalents (conj False) plus their Friedel mates -h' (conj True,
-    U(-h') = conj(p U(h))) when those are not already space-group equivalents.
+    Space-group equivalents h' = h R (conj False, q = p = exp(2πi h·t)) plus their Friedel mates -h'
+    (conj True, U(-h') = conj(p U(h)) = conj(p) conj(U(h)): listed with q = conj(p)) when those are not
+    already space-group equivalents.
     """
     eq = symmetry_equivalents(crystal, hkl)
     out = [(h, p, False) for h, p in eq]
@@ -219,6 +232,45 @@ def related_reflections(crystal: Crystal, hkl) -> list[tuple[tuple[int, int, int
             out.append((m, complex(np.conj(p)), True))
             have.add(m)
     return out
+
+
+def propagate(crystal: Crystal, hkl, value) -> dict[tuple[int, int, int], complex]:
+    """{h': U(h')} for every reflection related to hkl by the space group and Friedel's law, given
+    U(hkl) = ``value`` (complex): U(h') = q·value, or q·conj(value) for the Friedel mates
+    (:func:`related_reflections`).  The result is Hermitian (U(-h') = conj U(h')) whenever ``value``
+    is allowed (any value for an acentric reflection, ±|U| e^{iφ0} for a centric one)."""
+    val = complex(value)
+    return {h: complex(q * (np.conj(val) if conj else val)) for h, q, conj in related_reflections(crystal, hkl)}
+
+
+class SymmetryConsistencyError(RuntimeError):
+    """Internal error: overrides that break Friedel's law or the space-group symmetry (a bug, never bad input)."""
+
+
+#: relative tolerance of the Hermiticity check of :meth:`Potential.set`
+HERMITIAN_RTOL = 1e-10
+
+
+def check_hermitian(values: dict, what: str = "U") -> float:
+    """Largest |U(-h) - conj U(h)| / max|U| over the reflections of ``values`` ({h: U}) whose mate -h is
+    listed too; raises :class:`SymmetryConsistencyError` above :data:`HERMITIAN_RTOL`."""
+    if not values:
+        return 0.0
+    scale = max(abs(v) for v in values.values())
+    worst, where = 0.0, None
+    for h, v in values.items():
+        m = values.get((-h[0], -h[1], -h[2]))
+        if m is None:
+            continue
+        r = abs(m - np.conj(v)) / scale if scale > 0 else 0.0
+        if r > worst:
+            worst, where = r, h
+    if worst > HERMITIAN_RTOL:
+        raise SymmetryConsistencyError(
+            f"internal error: the {what} overrides are not Hermitian: {what}({' '.join(map(str, where))}) and its "
+            f"Friedel mate differ from complex conjugates by {worst:.3g} of the largest value (tolerance "
+            f"{HERMITIAN_RTOL:g}); the potential would not be real. Please report this with the crystal and reflection.")
+    return worst
 
 
 # ------------------------------------------------------------------------------- potential
@@ -320,6 +372,10 @@ class Potential:
     def set(self, hkl, U=None, Uprime=None) -> list[tuple[int, int, int]]:
         """Set U and/or U' of reflection hkl (complex or real) and of all reflections related by symmetry.
 
+        U(h') follows from the value by :func:`propagate`: q·U for the space-group equivalents h' = h R
+        (q = exp(2πi h·t)), conj(q)·conj(U) for their Friedel mates.  A centric value is projected onto its
+        allowed phase line (after the check that it lies on it to 1e-9), so the overrides are exactly
+        Hermitian; they are checked to be (:func:`check_hermitian`, an internal error if not).
         Returns the list of reflections set.
         """
         rel = related_reflections(self.crystal, hkl)
@@ -335,9 +391,11 @@ class Potential:
                 raise QcbedInputError(f"{name} of {h0}", f"the reflection is centric: its phase must be "
                                       f"{np.degrees(phi0):.1f} or {np.degrees(phi0) + 180:.1f} degrees, got "
                                       f"{np.degrees(np.angle(val)):.2f}", "give a real value times that phase")
-            for h, p, conj in rel:
-                v = p * val
-                store[h] = np.conj(v) if conj else v
+            if phi0 is not None:  # exactly on the allowed line: the conjugate of -h is then exactly p U(h)
+                val = complex((val * np.exp(-1j * phi0)).real * np.exp(1j * phi0))
+            new = {h: complex(q * (np.conj(val) if conj else val)) for h, q, conj in rel}
+            check_hermitian(new, name)
+            store.update(new)
         self._cache.clear()
         return [h for h, _, _ in rel]
 
