@@ -386,7 +386,7 @@ def summarize(run_dir) -> dict:
     by_hkl = {(r["h"], r["k"], r["l"]): r for r in sf_rows}
     for i, name in enumerate(fine.param.values.tolist()):
         row = {"name": name, "kind": str(fine.kind.values[i]), "units": str(fine.units.values[i]),
-               "value": float(fine.value.values[i]), "sigma": float(fine.sigma.values[i]),
+               "value": float(fine.value.values[i]), "sigma": _num(fine.sigma.values[i]),
                "start": float(fine.start.values[i])}
         if "range_lo" in fine:  # absent from fine.zarr stores written before the ranges were recorded
             row["range"] = [float(fine.range_lo.values[i]), float(fine.range_hi.values[i])]
@@ -496,9 +496,9 @@ def _warnings(s: dict) -> list[str]:
     if not s.get("sigma_defined", True):
         w.append(f"Standard errors are undefined: {s['sigma_definition']}.")
     for p in s["parameters"] if s.get("sigma_defined", True) else ():
-        if not (math.isfinite(p["sigma"]) and p["sigma"] > 0):
+        if not (p["sigma"] is not None and p["sigma"] > 0):
             w.append(f"{p['name']}: no standard error (the fit does not constrain it).")
-    far = [p for p in s["parameters"] if p.get("gauss_newton_step") is not None and p["sigma"] > 0
+    far = [p for p in s["parameters"] if p.get("gauss_newton_step") is not None and (p["sigma"] or 0) > 0
            and abs(p["gauss_newton_step"]) > GAUSS_NEWTON_SIGMAS * p["sigma"]]
     if far:
         worst = sorted(far, key=lambda p: -abs(p["gauss_newton_step"]) / p["sigma"])[:3]
@@ -630,7 +630,7 @@ def _param_table(s: dict) -> tuple[list[str], list[list[Cell]]]:
                             cls="num" + (" hi" if end else "")))
         if has_step:
             st, sg = p.get("gauss_newton_step"), p["sigma"]
-            ratio = st / sg if st is not None and math.isfinite(sg) and sg > 0 else None
+            ratio = st / sg if st is not None and sg is not None and math.isfinite(sg) and sg > 0 else None
             row.append(Cell("—" if ratio is None else f"{ratio:+.2f}", value=ratio,
                             cls="num" + (" hi" if ratio is not None and abs(ratio) > GAUSS_NEWTON_SIGMAS else "")))
         rows.append(row)

@@ -120,9 +120,12 @@ def make_larbed(model: ForwardModel, pg: PatternGeometry, shape, disks, thicknes
 
 
 def make_cbed(model: ForwardModel, pg: PatternGeometry, shape, disks, thickness_A: float, disk_radius_px: float,
-              eff: Effects = Effects(), tile_invA: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+              eff: Effects = Effects(), tile_invA: float | None = None,
+              pixels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """CBED image (H, W) with the given disks of radius ``disk_radius_px`` (display px): returns
-    (counts, ideal intensity, true variance, truth).  Pixels outside every disk have zero intensity."""
+    (counts, ideal intensity, true variance, truth).  Pixels outside every disk have zero intensity.
+    ``pixels`` (H, W) bool: simulate only these pixels (the others get zero intensity, as outside the
+    disks; e.g. the supports of a ROI, for repeated noise draws)."""
     disks = np.atleast_2d(np.asarray(disks, int))
     H, W = (int(x) for x in shape)
     r, c = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
@@ -137,6 +140,8 @@ def make_cbed(model: ForwardModel, pg: PatternGeometry, shape, disks, thickness_
             raise QcbedInputError("disk_radius_px", f"disks overlap (radius {disk_radius_px} px at gl {pg.gl_px} px)",
                                   "use a smaller disk radius")
         owner[inside] = d
+        if pixels is not None:
+            inside = inside & np.asarray(pixels, bool).ravel()
         kts.append(pg.display_to_tilt(xy[inside]))
         pix.append(np.nonzero(inside)[0])
         which.append(np.full(inside.sum(), d))
