@@ -260,3 +260,17 @@ def test_weight_variance_is_scaled_and_never_undershoots(si):
     _, got, exact, okk, _ = prob._sampled(1, rc)
     assert np.nanmin(got) == pytest.approx(kappa * 50.0) and np.nanmin(exact) > 0.4 * 50.0
     np.testing.assert_allclose(got[raw >= 50.0], kappa * raw[raw >= 50.0], rtol=1e-12)
+
+
+def test_xcorrelation_reports_undefined_uncertainties(si):
+    """1 - r has no noise scale: its errors are NaN with the reason, at 1e3 and 1e5 counts alike (the old
+    (J^T J)^-1 gave the same data-independent 160 % of U at both)."""
+    import dataclasses
+
+    prob, _ = _small_problem(si, noise="poisson", seed=1)
+    prob = dataclasses.replace(prob, gof=make_gof("XCorrelation"), counters={"eigen_solves": 0, "inner_evaluations": 0,
+                                                                              "solve_s": 0.0, "inner_s": 0.0})
+    assert prob.pixel_variance_flat() is None and prob.variance_factor is None
+    res = refine(prob, max_iterations=2)
+    assert np.all(np.isnan(res.sigma)) and not res.sigma_info["defined"]
+    assert "not a chi^2" in res.sigma_info["method"]

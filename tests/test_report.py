@@ -566,3 +566,16 @@ def test_zncc_start_and_end(runs):
     cells.feed(page)
     assert cells.cells["fit/zncc_mean"][2] == "—" and cells.cells["disk/0 0 0/zncc_start"][2] == "—"
     assert "| ZNCC start | ZNCC end |" in R.render_markdown(old)
+
+
+def test_undefined_sigma_is_one_warning_with_the_reason():
+    """A metric without a noise scale (XCorrelation): one check-list line with the reason, not one per parameter,
+    and no Gauss-Newton comparison against a missing sigma."""
+    reason = "1 - r is not a chi^2: its curvature carries no noise scale"
+    s = {"converged": True, "gof_name": "XCorrelation", "gof": 0.01, "correlation": {"high": []}, "iterations": 3,
+         "sigma_defined": False, "sigma_definition": reason,
+         "parameters": [{"name": "U(1 1 1)", "kind": "structure_factor", "value": 0.0645, "sigma": None,
+                         "gauss_newton_step": 1e-4},
+                        {"name": "thickness", "kind": "geometry", "value": 1300.0, "sigma": None}]}
+    w = R._warnings(s)
+    assert w == [f"Standard errors are undefined: {reason}."], w
