@@ -884,7 +884,8 @@ def _sections(s: dict) -> list[tuple[str, str, object]]:
         refined = s["coarse"].get("refined") or []
         extra = "".join(f", {q}" for q in dict.fromkeys(
             {"voltage": "voltage", "cell": "cell", "B": "Debye-Waller B"}[p["quantity"]] for p in refined))
-        blocks.append(("h2", f"Coarse stage (thickness, orientation{extra} by correlation)", None))
+        title = f"thickness, orientation{extra}" if refined else "thickness and orientation"
+        blocks.append(("h2", f"Coarse stage ({title} by correlation)", None))
         if refined:
             blocks.append(("table", "", _coarse_physics_table(s)))
             blocks.append(("notes", "", _coarse_physics_notes(s)))
