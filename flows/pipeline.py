@@ -136,7 +136,7 @@ def refine_pattern(config_source: str, results_dir: str = "results", run_dir: st
     with P.RunLock(plan.run_dir):
         P.write_run_record(plan)
         for s in plan.stages:
-            if until is not None and P.STAGES.index(s) > P.STAGES.index(until):
+            if plan.after(s, until):
                 break
             out[s] = stage_task.with_options(name=f"{s}")(str(config_source), str(plan.run_dir), s, remote)
     if "report" in out:

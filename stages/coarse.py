@@ -53,7 +53,9 @@ net, and a repeat double-counts the shift).
 :func:`coarse_cell`): each trial rebuilds the ForwardModel, solves one field, and maximises the
 NCC over shift and (cheaply, from that solution) thickness in a narrow bracket.  Refined U_g /
 U'_g overrides of the model are carried over (scaled by γ'/γ for a new voltage, since
-U = γ F/(πΩ)); PyExtal's ``resetugh`` silently dropped them.
+U = γ F/(πΩ)); PyExtal's ``resetugh`` silently dropped them.  With ``uncertainty=True`` each also gives
+standard errors from the curvature of a χ²-like profile of the NCC (:data:`SIGMA_DEFINITION`, a few more
+solves); :func:`with_refined_physics` puts a fit's voltage, cell or B into the model of later stages.
 
 Counters in every result: ``eigen_solves`` (fields solved), ``tilts_solved``,
 ``intensity_evaluations`` (thicknesses evaluated from cached solutions), ``ncc_maps`` (FFT
@@ -742,6 +744,24 @@ def _rebuilt(model: ForwardModel, *, hv_kV: float | None = None, crystal=None) -
                    u={h: v * scale for h, v in ov["U"].items()}, uprime={h: v * scale for h, v in ov["Uprime"].items()})
 
 
+def with_refined_physics(model: ForwardModel, refined: dict) -> ForwardModel:
+    """``model`` with what a coarse stage refined (its store's ``refined_model``): ``hv_kV``, ``cell`` (six
+    numbers) and ``b_iso_A2`` ([{"site_index", "b_iso_A2"}]); refined U / U' overrides carried over as in
+    :func:`_rebuilt`.  An empty ``refined`` returns ``model`` itself."""
+    if not refined:
+        return model
+    cr = model.crystal
+    if "cell" in refined:
+        cr = replace(cr, cell=tuple(float(x) for x in refined["cell"]))
+    if refined.get("b_iso_A2"):
+        sites = list(cr.sites)
+        for r in refined["b_iso_A2"]:
+            i = int(r["site_index"])
+            sites[i] = replace(sites[i], b_iso=float(r["b_iso_A2"]), beta=None)
+        cr = replace(cr, sites=tuple(sites))
+    return _rebuilt(model, hv_kV=refined.get("hv_kV"), crystal=cr)
+
+
 class _PhysicsObjective:
     """1 - NCC maximised over shift and (in a narrow bracket) thickness, for a model built per trial.
 
@@ -794,6 +814,79 @@ class _PhysicsObjective:
         return 1.0 - self.evaluate(x)[5]
 
 
+#: what the ``sigma`` of a physics fit means (stores and reports quote it)
+SIGMA_DEFINITION = (
+    "approximate standard error from the curvature of the profile chi^2 = (N - k) (1 - NCC^2) / (1 - NCC*^2) "
+    "(N template samples, k fitted numbers: one scale, a background per disk, thickness, shift and the "
+    "parameters; NCC* the optimum; thickness and orientation re-fitted at every point), sigma^2 = diagonal of "
+    "2 H^-1 with H its Hessian by finite differences; assumes independent samples of equal variance and a "
+    "correct model (statistical only: the parameters held fixed, e.g. the cell for a voltage fit, are not in it)")
+
+
+def _profile_sigma(obj: _PhysicsObjective, x_best, steps, lower=None) -> dict:
+    """Standard errors of the parameters of a physics fit at its optimum ``x_best`` (see :data:`SIGMA_DEFINITION`).
+
+    The profile objective D(x) = (N - k) (1 - r(x)^2) / (1 - r*^2) is chi^2-like: for a model c S + b_d
+    fitted by least squares the residual sum is (1 - r^2) times the centred sum of squares, and the
+    noise variance is estimated from the optimum (reduced chi^2 = 1).  Its Hessian H from central
+    differences on the diagonal (step ``steps[i]``, adapted once so that D rises by about 6 there: well
+    above the numerical noise of the polish, still near the quadratic region) and one extra point per
+    pair; covariance 2 H^-1.  ``lower``: the smallest physical value per parameter (B >= 0).  Costs
+    2-4 field solves per parameter plus one per pair.  Checked on 5 Poisson realisations of the HOLZ case of
+    tests/test_coarse.py (voltage from 201 kV, truth 200): errors 1.0-1.7 sigma, rms 1.4 sigma (sigma 0.031-0.034
+    kV); B (from +20 %, geometry on the pixel grid): rms 1.5 sigma (sigma 0.006 Å^2).  A lower bound, then."""
+    x = np.atleast_1d(np.asarray(x_best, float))
+    n = len(x)
+    model, pg, prob, t, m, r0, per, peak = obj.evaluate(x)
+    n_samples = int(prob.mask.sum())
+    k = (len(prob.mask) if prob.background == "per_disk" else 1) + 1 + 3 + n
+    dof = n_samples - k
+    denom = 1.0 - r0 * r0
+    out = {"n_samples": n_samples, "dof": dof, "ncc": float(r0), "steps": [], "rise": []}
+    if dof < 1 or not denom > 0:
+        return {**out, "sigma": [float("nan")] * n, "covariance": None, "note": "no residual degrees of freedom"}
+
+    def rise(v) -> float:
+        r = obj.evaluate(v)[5]
+        return dof * (r0 * r0 - r * r) / denom
+
+    lo = np.full(n, -np.inf) if lower is None else np.asarray(lower, float)
+    h = np.asarray(steps, float).copy()
+    H = np.zeros((n, n))
+    plus = np.zeros(n)
+    for i in range(n):
+        for attempt in range(2):
+            h[i] = min(h[i], 0.9 * (x[i] - lo[i])) if np.isfinite(lo[i]) else h[i]
+            if not h[i] > 0:
+                return {**out, "sigma": [float("nan")] * n, "covariance": None,
+                        "note": "at the physical limit of a parameter: no two-sided difference"}
+            e = np.zeros(n)
+            e[i] = h[i]
+            dp, dm = rise(x + e), rise(x - e)
+            H[i, i] = (dp + dm) / h[i] ** 2
+            plus[i] = dp
+            mean = 0.5 * (dp + dm)
+            if attempt == 0 and H[i, i] > 0 and not 1.0 <= mean <= 30.0:
+                h[i] = 2.5 * np.sqrt(2.0 / H[i, i])  # D then rises by ~6
+                continue
+            break
+    for i in range(n):
+        for j in range(i + 1, n):
+            e = np.zeros(n)
+            e[i], e[j] = h[i], h[j]
+            H[i, j] = H[j, i] = (rise(x + e) - plus[i] - plus[j]) / (h[i] * h[j])
+    out["steps"], out["rise"] = h.tolist(), plus.tolist()
+    try:
+        ok = bool(np.all(np.linalg.eigvalsh(H) > 0))
+    except np.linalg.LinAlgError:
+        ok = False
+    if not ok:
+        return {**out, "sigma": [float("nan")] * n, "covariance": None,
+                "note": "the correlation is not at a maximum in every direction (flat or noisy): no standard error"}
+    cov = 2.0 * np.linalg.inv(H)
+    return {**out, "sigma": np.sqrt(np.diag(cov)).tolist(), "covariance": cov.tolist(), "note": ""}
+
+
 def _physics_result(obj: _PhysicsObjective, x_best, params, t_start, at_bound) -> CoarseResult:
     model, pg, prob, t, m, ncc, per, peak = obj.evaluate(x_best)
     tr = np.array(obj.trace, float)
@@ -805,10 +898,19 @@ def _physics_result(obj: _PhysicsObjective, x_best, params, t_start, at_bound) -
     return _result(prob, model, pg, t, m, ncc, per, peak, obj.counters, t_start, params, scan, at_bound)
 
 
+def _with_sigma(result: CoarseResult, names, unc: dict | None) -> CoarseResult:
+    """``result`` with ``params["sigma"]`` {name: standard error} and ``params["uncertainty"]`` (the details:
+    covariance in the order of ``names``, samples, steps) when ``unc`` (:func:`_profile_sigma`) is given."""
+    if unc is not None:
+        result.params["sigma"] = {nm: float(s) for nm, s in zip(names, unc["sigma"])}
+        result.params["uncertainty"] = {**unc, "names": list(names), "definition": SIGMA_DEFINITION}
+    return result
+
+
 def coarse_voltage(model: ForwardModel, pg: PatternGeometry, pattern, disks, box_px: float, search_px: float,
                    thickness_A: float, hv_bracket_kV=None, step_px: float = 1.0, *, thickness_rel: float = 0.03,
                    n_thickness: int = 7, xatol_kV: float = 0.01, radius_px: float | None = None,
-                   background: str = "per_disk", psf_px=None) -> CoarseResult:
+                   background: str = "per_disk", psf_px=None, uncertainty: bool = False) -> CoarseResult:
     """Accelerating voltage by bounded Brent over hv_kV (default bracket hv ± 2 kV).
 
     Each trial rebuilds the ForwardModel at that voltage (overrides scaled by γ'/γ) and solves one
@@ -816,6 +918,7 @@ def coarse_voltage(model: ForwardModel, pg: PatternGeometry, pattern, disks, box
     thickness are nearly degenerate for zero-layer reflections: s_g and U_g/K both scale as 1/K,
     so HOLZ lines carry most of the information), the orientation at every trial.  The geometry
     (gl) is held: with LARBED tilt steps in angle, refit gl afterwards (:func:`coarse_gl`).
+    ``uncertainty``: also the standard error (``params["sigma"]``, :data:`SIGMA_DEFINITION`; 2-4 more solves).
     """
     t_start = time.perf_counter()
     counters = Counters()
@@ -831,7 +934,8 @@ def coarse_voltage(model: ForwardModel, pg: PatternGeometry, pattern, disks, box
     res = minimize_scalar(lambda v: obj(v), bounds=(lo, hi), method="bounded", options={"xatol": xatol_kV})
     hv = float(res.x)
     at_bound = min(hv - lo, hi - hv) < 2 * xatol_kV
-    return _physics_result(obj, hv, {"hv_kV": hv}, t_start, at_bound)
+    unc = _profile_sigma(obj, [hv], [0.02 * (hi - lo)]) if uncertainty else None
+    return _with_sigma(_physics_result(obj, hv, {"hv_kV": hv}, t_start, at_bound), ["hv_kV"], unc)
 
 
 def _site_indices(crystal, sites) -> list[int]:
@@ -860,7 +964,7 @@ def coarse_debye_waller(model: ForwardModel, pg: PatternGeometry, pattern, disks
                         thickness_A: float, sites=None, b_bounds_A2=None, step_px: float = 1.0, *,
                         thickness_rel: float = 0.03, n_thickness: int = 7, xatol_A2: float = 0.005,
                         radius_px: float | None = None, background: str = "per_disk",
-                        psf_px=None) -> CoarseResult:
+                        psf_px=None, uncertainty: bool = False) -> CoarseResult:
     """Isotropic Debye-Waller B [Å^2] of each distinct atom site (asymmetric unit), bounded.
 
     ``sites``: labels or indices (default all; sites with anisotropic tensors are refused);
@@ -868,6 +972,7 @@ def coarse_debye_waller(model: ForwardModel, pg: PatternGeometry, pattern, disks
     for B = 0).  One site: bounded Brent; several: Powell with bounds.  Each trial rebuilds the
     crystal and the model (refined U_g overrides are kept, and the DW factor no longer acts on them)
     and solves one field; thickness and orientation re-fitted as in :func:`coarse_voltage`.
+    ``uncertainty``: also standard errors and covariance (``params["sigma"]``, keyed "B_<label>").
     """
     t_start = time.perf_counter()
     counters = Counters()
@@ -902,11 +1007,13 @@ def coarse_debye_waller(model: ForwardModel, pg: PatternGeometry, pattern, disks
         res = minimize(obj, x0, method="Powell", bounds=bounds, options={"xtol": xatol_A2, "ftol": 1e-6})
         x = np.atleast_1d(res.x)
     at_bound = any(min(v - b[0], b[1] - v) < 2 * xatol_A2 for v, b in zip(x, bounds))
-    params = {"b_iso_A2": {cr.sites[i].label: float(v) for i, v in zip(idx, x)}}
+    params = {"b_iso_A2": {cr.sites[i].label: float(v) for i, v in zip(idx, x)}, "site_index": list(idx)}
+    names = [f"B_{cr.sites[i].label}" for i in idx]
+    unc = _profile_sigma(obj, x, [0.05 * (b[1] - b[0]) for b in bounds], lower=[0.0] * len(idx)) if uncertainty else None
     # keep the trace names generic: one column per site
-    result = _physics_result(obj, x, {f"B_{cr.sites[i].label}": float(v) for i, v in zip(idx, x)}, t_start, at_bound)
+    result = _physics_result(obj, x, {nm: float(v) for nm, v in zip(names, x)}, t_start, at_bound)
     result.params.update(params)
-    return result
+    return _with_sigma(result, names, unc)
 
 
 def crystal_system(crystal) -> str:
@@ -940,17 +1047,28 @@ _CELL_FREE = {
 }
 
 
+#: crystal systems whose cell angles symmetry fixes: the cell fit (lengths only, angles held) is complete for
+#: these; monoclinic and triclinic cells (free angles) and rhombohedral axes (free alpha) are not
+CELL_SYSTEMS = ("cubic", "tetragonal", "trigonal", "hexagonal", "orthorhombic")
+
+
+def free_cell_lengths(system: str) -> tuple[str, ...]:
+    """The lattice lengths the cell fit refines for a crystal system ("a"; "a", "c"; or "a", "b", "c")."""
+    return _CELL_FREE[system][0]
+
+
 def coarse_cell(model: ForwardModel, pg: PatternGeometry, pattern, disks, box_px: float, search_px: float,
                 thickness_A: float, rel_bound: float = 0.01, step_px: float = 1.0, *, thickness_rel: float = 0.03,
                 n_thickness: int = 7, xatol_rel: float = 1e-5, radius_px: float | None = None,
-                background: str = "per_disk", psf_px=None) -> CoarseResult:
+                background: str = "per_disk", psf_px=None, uncertainty: bool = False) -> CoarseResult:
     """Lattice parameters constrained by the crystal system, angles fixed, each within ± ``rel_bound``.
 
     Free lengths: cubic (and rhombohedral axes) a; tetragonal, trigonal, hexagonal a, c;
     orthorhombic, monoclinic, triclinic a, b, c.  One free length: bounded Brent; more: Powell with
     bounds.  tilt0 stays fixed in reciprocal-lattice units and gl in pixels, so the tilt per pixel
     |g_x|/gl follows the cell.  Each trial rebuilds crystal, model and geometry and solves one field;
-    thickness and orientation re-fitted as in :func:`coarse_voltage`.
+    thickness and orientation re-fitted as in :func:`coarse_voltage`.  ``uncertainty``: also standard
+    errors and covariance (``params["sigma"]``, keyed "a_A", "c_A", ...).
     """
     t_start = time.perf_counter()
     counters = Counters()
@@ -979,10 +1097,12 @@ def coarse_cell(model: ForwardModel, pg: PatternGeometry, pattern, disks, box_px
                        options={"xtol": xatol_rel * float(p0.min()), "ftol": 1e-7})
         x = np.atleast_1d(res.x)
     at_bound = any(min(v - b[0], b[1] - v) < 2 * xatol_rel * v for v, b in zip(x, bounds))
-    result = _physics_result(obj, x, {f"{n}_A": float(v) for n, v in zip(names, x)}, t_start, at_bound)
+    unc = _profile_sigma(obj, x, [0.1 * rel_bound * v for v in x], lower=[0.0] * len(x)) if uncertainty else None
+    keys = [f"{n}_A" for n in names]
+    result = _physics_result(obj, x, {k: float(v) for k, v in zip(keys, x)}, t_start, at_bound)
     result.params["cell"] = list(result.model.crystal.cell)
     result.params["crystal_system"] = system
-    return result
+    return _with_sigma(result, keys, unc)
 
 
 # ------------------------------------------------------------------------------ 4. per-disk alignment (LARBED)

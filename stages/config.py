@@ -17,7 +17,9 @@ Sections (relative paths resolve against the config file's folder)::
                    initial_step, xatol, gauss_newton_steps, optimizer (see stages/fine.py)
     [coarse]       enabled, thickness_bracket_A = [lo, hi], box_px, search_px, step_px, radius_px,
                    background = "per_disk" | "joint", disks = [[h, k, l], ...], fit_gl, gl_bracket_px,
-                   align_disks (LARBED), max_disk_shift_px (see stages/coarse.py)
+                   align_disks (LARBED), max_disk_shift_px, refine = ["voltage" | "cell", "B"],
+                   hv_range_kV, B_sites, B_range_A2, cell_range_percent (see stages/coarse.py and
+                   :func:`coarse_physics`)
     [run]          name (letters, digits, - _ .: names the results folder)
 
 Every problem is reported as a QcbedInputError naming the field path (e.g. ``geometry.gl_px``).
@@ -61,7 +63,8 @@ REFINE_KEYS = {"gof", "reflections", "geometry", "psf_sigma", "psf_gamma", "max_
                "thickness_scan", "optimizer",
                "initial_step", "xatol"}
 COARSE_KEYS = {"enabled", "thickness_bracket_A", "box_px", "search_px", "step_px", "radius_px", "background", "disks",
-               "fit_gl", "gl_bracket_px", "align_disks", "max_disk_shift_px"}
+               "fit_gl", "gl_bracket_px", "align_disks", "max_disk_shift_px",
+               "refine", "hv_range_kV", "B_sites", "B_range_A2", "cell_range_percent"}
 RUN_KEYS = {"name"}
 
 
@@ -238,6 +241,172 @@ def roi_disks(cfg: RunConfig, pattern) -> np.ndarray:
     if pattern.attrs.get("kind") == "larbed":
         return np.stack([pattern.h.values, pattern.k.values, pattern.l.values], 1).astype(int)
     raise QcbedInputError("roi.disks", "missing", "list the CBED disks to compare, e.g. [[0, 0, 0], [1, -1, -1]]")
+
+
+# ------------------------------------------------------------------------------- [coarse] physics fits
+#: ``coarse.refine``: the coarse fits that re-solve the eigenproblem at every trial (stages/coarse.py), in the
+#: order the coarse stage runs them (after thickness, orientation, gl and disk alignment)
+COARSE_REFINE = ("voltage", "cell", "B")
+#: ``coarse.hv_range_kV`` default: microscope.hv_kV ± this [kV]
+HV_HALF_RANGE_KV = 2.0
+#: ``coarse.cell_range_percent`` default: each free lattice length within ± this [%]
+CELL_RANGE_PERCENT = 1.0
+_HOLZ_FIX = 'set simulation.laue_zones = "holz" and holz_lines = true'
+
+
+@dataclass(frozen=True)
+class CoarsePhysics:
+    """What ``[coarse] refine`` asks of the fits that re-solve, every default applied (:func:`coarse_physics`).
+
+    ``refine``: the entries of :data:`COARSE_REFINE` asked for, in run order.  ``hv_range_kV``: the
+    voltage search range.  ``sites`` / ``site_labels``: the asymmetric-unit sites (indices into the
+    crystal's sites, 0-based in the order of the crystal file, and their labels) whose isotropic B is
+    refined, ``b_ranges_A2`` one (low, high) per site.  ``crystal_system``, ``cell_free`` (the lengths
+    refined: "a"; "a", "c"; "a", "b", "c"; the angles are fixed by symmetry), ``cell_rel`` (± fraction)."""
+
+    refine: tuple = ()
+    hv_range_kV: tuple | None = None
+    sites: tuple = ()
+    site_labels: tuple = ()
+    b_ranges_A2: tuple = ()
+    crystal_system: str | None = None
+    cell_free: tuple = ()
+    cell_rel: float = CELL_RANGE_PERCENT / 100.0
+
+    @property
+    def needs_holz(self) -> bool:
+        """The voltage and the cell are measured by the positions of the HOLZ lines."""
+        return "voltage" in self.refine or "cell" in self.refine
+
+
+def _coarse_refine(cfg: RunConfig) -> tuple[str, ...]:
+    """``coarse.refine`` checked against the rest of the config, in run order."""
+    v = cfg.section("coarse").get("refine", [])
+    _strings_from(COARSE_REFINE)(v, "coarse.refine", None)
+    if len(set(v)) != len(v):
+        raise QcbedInputError("coarse.refine", f"lists an entry twice: {v!r}", "give each of voltage, cell, B once")
+    if "voltage" in v and "cell" in v:
+        raise QcbedInputError("coarse.refine", "voltage and cell cannot be refined together: the HOLZ line positions "
+                              "fix only the product of the electron wave number and the lattice parameter",
+                              'keep "voltage" (the cell as given) or "cell" (a calibrated microscope.hv_kV)')
+    refine = tuple(x for x in COARSE_REFINE if x in v)
+    if ("voltage" in refine or "cell" in refine) and laue_zones_of(cfg) == "zolz":
+        raise QcbedInputError("coarse.refine", f"{' and '.join(x for x in refine if x != 'B')} is measured by the "
+                              'HOLZ lines, which simulation.laue_zones = "zolz" leaves out of the model', _HOLZ_FIX)
+    return refine
+
+
+def _coarse_hv_range(cfg: RunConfig) -> tuple[float, float]:
+    hv = _number(cfg.section("microscope").get("hv_kV"), "microscope.hv_kV", positive=True)
+    c = cfg.section("coarse")
+    if "hv_range_kV" not in c:
+        return hv - HV_HALF_RANGE_KV, hv + HV_HALF_RANGE_KV
+    _chk_interval(positive=True, fix="give [low, high] in kV")(c["hv_range_kV"], "coarse.hv_range_kV", None)
+    lo, hi = (float(x) for x in c["hv_range_kV"])
+    if not lo <= hv <= hi:
+        raise QcbedInputError("coarse.hv_range_kV", f"[{lo:g}, {hi:g}] kV does not contain the start, microscope.hv_kV "
+                              f"= {hv:g}", f"give a range about it, e.g. [{hv - HV_HALF_RANGE_KV:g}, "
+                              f"{hv + HV_HALF_RANGE_KV:g}], or correct microscope.hv_kV")
+    return lo, hi
+
+
+def _coarse_b_sites(cfg: RunConfig, crystal) -> tuple[tuple[int, ...], tuple[tuple[float, float], ...]]:
+    """(site indices, one B range per site) of ``coarse.B_sites`` / ``coarse.B_range_A2``."""
+    c = cfg.section("coarse")
+    labels = [s.label for s in crystal.sites]
+    listing = ", ".join(f"{lab} ({i})" for i, lab in enumerate(labels))
+    iso = [i for i, s in enumerate(crystal.sites) if s.beta is None]
+    if "B_sites" not in c:
+        if not iso:
+            raise QcbedInputError("coarse.refine", '"B": every site of the crystal has an anisotropic displacement '
+                                  "tensor (the coarse fit refines isotropic B)", 'remove "B"')
+        idx = iso
+    else:
+        _b_sites_list(c["B_sites"], "coarse.B_sites", None)
+        idx = []
+        for s in c["B_sites"]:
+            if isinstance(s, str):
+                hits = [i for i, lab in enumerate(labels) if lab == s]
+                if not hits:
+                    raise QcbedInputError("coarse.B_sites", f"no atom site {s!r} in the crystal",
+                                          f"give labels or 0-based indices of its sites: {listing}")
+                if len(hits) > 1:
+                    raise QcbedInputError("coarse.B_sites", f"the label {s!r} names sites {hits}",
+                                          "give the site by its 0-based index")
+                i = hits[0]
+            else:
+                i = int(s)
+                if i >= len(labels):
+                    raise QcbedInputError("coarse.B_sites", f"site index {i} out of range: the crystal has "
+                                          f"{len(labels)} site(s), 0-{len(labels) - 1}", f"sites: {listing}")
+            if i not in iso:
+                raise QcbedInputError("coarse.B_sites", f"site {labels[i]} ({i}) has an anisotropic displacement "
+                                      "tensor (the coarse fit refines isotropic B)", "remove it from B_sites")
+            if i in idx:
+                raise QcbedInputError("coarse.B_sites", f"site {labels[i]} ({i}) is listed twice", "give each site once")
+            idx.append(i)
+    rng = c.get("B_range_A2")
+    if rng is not None:
+        _b_range(rng, "coarse.B_range_A2", None)
+        if isinstance(rng, dict):
+            chosen = {labels[i] for i in idx}
+            for key in rng:
+                if key not in chosen:
+                    raise QcbedInputError(f"coarse.B_range_A2.{key}", f"{key!r} is not a refined site "
+                                          f"(B_sites: {', '.join(labels[i] for i in idx)})",
+                                          "key each range by the label of a refined site")
+    ranges = []
+    for i in idx:
+        b = float(crystal.sites[i].b_iso)
+        given = rng if isinstance(rng, list) else (rng or {}).get(labels[i])
+        # default: ± 50 % of the given B (0-1 Å^2 for B = 0)
+        ranges.append((float(given[0]), float(given[1])) if given is not None else
+                      ((0.5 * b, 1.5 * b) if b > 0 else (0.0, 1.0)))
+    return tuple(idx), tuple(ranges)
+
+
+def _coarse_cell(cfg: RunConfig, crystal) -> tuple[str, tuple[str, ...], float]:
+    """(crystal system, free lengths, ± fraction) of the cell fit."""
+    from .coarse import CELL_SYSTEMS, crystal_system, free_cell_lengths
+
+    system = crystal_system(crystal)
+    if system not in CELL_SYSTEMS:
+        fix = ('describe the crystal in hexagonal axes (e.g. spacegroup "R -3 m:H"): a and c free, angles fixed'
+               if system == "rhombohedral" else 'its cell angles are free and the fit holds them: remove "cell"')
+        systems = ", ".join(CELL_SYSTEMS)
+        raise QcbedInputError("coarse.refine", f'"cell" is refined for {systems} crystals (angles fixed by symmetry); '
+                              f"{crystal.name} ({crystal.spacegroup}) is {system}", fix)
+    pct = cfg.section("coarse").get("cell_range_percent", CELL_RANGE_PERCENT)
+    _chk_number(gt=0.0, le=20.0, fix="± percent of each free lattice length, e.g. 1.0")(pct, "coarse.cell_range_percent",
+                                                                                         None)
+    return system, free_cell_lengths(system), float(pct) / 100.0
+
+
+def coarse_physics(cfg: RunConfig, crystal) -> CoarsePhysics:
+    """The ``[coarse]`` fits that re-solve (``refine`` = any of "voltage" or "cell", and "B"), defaults applied:
+
+    * ``hv_range_kV`` = [low, high]: voltage search range, must contain microscope.hv_kV (default ± 2 kV);
+    * ``B_sites`` = labels or 0-based indices of the crystal's sites (default: every site with an isotropic B);
+      ``B_range_A2`` = [low, high] for every site, or {label = [low, high]} per site (0 <= low < high; default
+      0.5-1.5 x the crystal's B, 0-1 Å^2 where it is 0);
+    * ``cell_range_percent``: ± range of each free lattice length (default 1 %); the free lengths follow the
+      crystal system (cubic a; tetragonal, hexagonal, trigonal in hexagonal axes a, c; orthorhombic a, b, c;
+      angles fixed; monoclinic, triclinic and rhombohedral axes are refused).
+
+    Voltage and cell are measured by the HOLZ line positions, which fix only their product (k a): not both
+    together, and not with simulation.laue_zones = "zolz".  Each problem raises a QcbedInputError naming
+    its field."""
+    refine = _coarse_refine(cfg)
+    out = {"refine": refine}
+    if "voltage" in refine:
+        out["hv_range_kV"] = _coarse_hv_range(cfg)
+    if "B" in refine:
+        idx, ranges = _coarse_b_sites(cfg, crystal)
+        out.update(sites=idx, site_labels=tuple(crystal.sites[i].label for i in idx), b_ranges_A2=ranges)
+    if "cell" in refine:
+        system, free, rel = _coarse_cell(cfg, crystal)
+        out.update(crystal_system=system, cell_free=free, cell_rel=rel)
+    return CoarsePhysics(**out)
 
 
 def fine_problem(cfg: RunConfig, model, pg, pattern, roi):
@@ -646,6 +815,41 @@ def _coarse_rule(t, f, ctx):
                                 "use a larger box or a smaller step"))
 
 
+def _b_sites_list(v, f, ctx):
+    """coarse.B_sites: a non-empty list of site labels (strings) or 0-based site indices."""
+    fix = 'give site labels of the crystal file or 0-based indices, e.g. ["Ge1", "Sn1"] or [0, 1]'
+    if not isinstance(v, list) or not v or not all((isinstance(x, str) and x) or (_is_int(x) and x >= 0) for x in v):
+        raise QcbedInputError(f, f"must be a non-empty list of site labels or indices >= 0, got {v!r}", fix)
+
+
+def _b_range(v, f, ctx):
+    """coarse.B_range_A2: [low, high] with 0 <= low < high (Å^2), or a table of them by site label."""
+    fix = "give [low, high] in Å^2 with 0 <= low < high (B = 8 pi^2 <u^2> is never negative)"
+
+    def one(r, where):
+        if not (isinstance(r, list) and len(r) == 2 and all(_is_num(x) for x in r)):
+            raise QcbedInputError(where, f"must be [low, high] in Å^2, got {r!r}", fix)
+        if not 0 <= r[0] < r[1]:
+            raise QcbedInputError(where, f"must be [low, high] with 0 <= low < high, got {r!r}", fix)
+
+    if not isinstance(v, dict):
+        one(v, f)
+        return
+    if not v:
+        raise QcbedInputError(f, "is an empty table", 'give B_range_A2 = [low, high] or {Si = [0.3, 0.6]}')
+    for k, r in v.items():
+        if ctx is None:
+            one(r, f"{f}.{k}")
+        else:  # every site's problem recorded
+            _run(lambda x, ff, _c: one(x, ff), r, f"{f}.{k}", ctx)
+
+
+def _coarse_refine_list(v, f, ctx):
+    _strings_from(COARSE_REFINE)(v, f, ctx)
+    if len(set(v)) != len(v):
+        raise QcbedInputError(f, f"lists an entry twice: {v!r}", "give each of voltage, cell, B once")
+
+
 def _run_name(v, f, ctx):
     _chk_string(pattern=RUN_NAME, fix="use letters, digits, '-', '_' and '.' only (it names the results folder)")(v, f, ctx)
     if v in (".", ".."):
@@ -770,7 +974,10 @@ SCHEMA: dict[str, _Table] = {
                       "box_px": _POSITIVE, "search_px": _ZERO_OK, "step_px": _POSITIVE, "radius_px": _POSITIVE,
                       "background": _chk_string(("per_disk", "joint")), "disks": _triples,
                       "fit_gl": _boolean, "gl_bracket_px": _chk_interval(positive=True, fix="give [low, high] in px"),
-                      "align_disks": _boolean, "max_disk_shift_px": _POSITIVE},
+                      "align_disks": _boolean, "max_disk_shift_px": _POSITIVE,
+                      "refine": _coarse_refine_list, "hv_range_kV": _chk_interval(positive=True, fix="give [low, high] in kV"),
+                      "B_sites": _b_sites_list, "B_range_A2": _b_range,
+                      "cell_range_percent": _chk_number(gt=0.0, le=20.0, fix="± percent of each free lattice length, e.g. 1.0")},
                      rules=(_coarse_rule,)),
     "run": _Table({"name": _run_name}),
 }
@@ -905,6 +1112,17 @@ def validate_run_config(cfg: RunConfig, require: tuple[str, ...] = (), shown_as:
         _build(ctx, "geometry", lambda: pattern_geometry(clean, model))
     if "roi" in data:
         _build(ctx, "roi.regions", lambda: regions_from_config(clean.section("roi")))
+    co = clean.section("coarse")
+    if isinstance(data.get("coarse"), dict) and "refine" in co and "microscope" in data:
+        # each of the [coarse] physics fits on its own, so that every problem is named
+        if _build(ctx, "coarse.refine", lambda: _coarse_refine(clean)) is not None:
+            refine = co["refine"]
+            if "voltage" in refine:
+                _build(ctx, "coarse.hv_range_kV", lambda: _coarse_hv_range(clean))
+            if crystal is not None and "B" in refine:
+                _build(ctx, "coarse.B_sites", lambda: _coarse_b_sites(clean, crystal))
+            if crystal is not None and "cell" in refine:
+                _build(ctx, "coarse.refine", lambda: _coarse_cell(clean, crystal))
     if "refine" in data:
         r, pat = clean.section("refine"), clean.section("pattern")
         if model is not None and not isinstance(r.get("reflections"), list):

@@ -11,6 +11,7 @@ iam         structure_factors.zarr      crystal, [microscope], [simulation] phys
 variance    variance.zarr               pattern.detector, load
 coarse      coarse.zarr                 [coarse], crystal, [microscope], [simulation], [geometry], roi
                                         disks, load (only when the config has an enabled [coarse])
+                                        (iam: + coarse, and run after it, when coarse.refine is set)
 fine        fine.zarr (+ fine_trace)    [refine], crystal, [microscope], [simulation], load, roi,
                                         variance, coarse
 report      report/                     fine, iam, coarse
@@ -55,6 +56,9 @@ from .errors import QcbedInputError
 from .store import open_store, replace_dir, write_store
 
 STAGES = ("load", "roi", "iam", "variance", "coarse", "fine", "report")
+#: the order when the coarse stage refines the voltage, cell or B: the IAM structure factors (and the report's
+#: V_g and Mott-Bethe F_x, which use the crystal and the voltage of that store) are those of the refined model
+STAGES_COARSE_PHYSICS = ("load", "roi", "variance", "coarse", "iam", "fine", "report")
 STORES = {"load": "pattern.zarr", "roi": "roi.zarr", "iam": "structure_factors.zarr", "variance": "variance.zarr",
           "coarse": "coarse.zarr", "fine": "fine.zarr", "report": "report"}
 TRACE = "fine_trace.zarr"
@@ -155,6 +159,12 @@ def coarse_enabled(cfg: C.RunConfig) -> bool:
     return bool(c) and bool(c.get("enabled", True))
 
 
+def coarse_refines_physics(cfg: C.RunConfig) -> bool:
+    """The coarse stage refines the voltage, the cell or Debye-Waller B (``coarse.refine``), which the iam and
+    fine stages then use."""
+    return coarse_enabled(cfg) and bool(cfg.section("coarse").get("refine"))
+
+
 @dataclass
 class Plan:
     """What one run will compute: its config, folder, and the key of every enabled stage."""
@@ -164,10 +174,15 @@ class Plan:
     keys: dict
     digests: dict
     trace_key: str | None = None  # key of fine_trace.zarr: the fine key without refine.max_iterations
+    order: tuple = STAGES  # STAGES_COARSE_PHYSICS when coarse.refine is set
 
     @property
     def stages(self) -> list[str]:
-        return [s for s in STAGES if s in self.keys]
+        return [s for s in self.order if s in self.keys]
+
+    def after(self, stage: str, until: str | None) -> bool:
+        """``stage`` comes after ``until`` in this run's order (``until`` None: never)."""
+        return until is not None and self.order.index(stage) > self.order.index(until)
 
     def store(self, stage: str) -> Path:
         return self.run_dir / STORES[stage]
@@ -197,12 +212,14 @@ def make_plan(cfg: C.RunConfig, results_dir, run_dir=None) -> Plan:
     keys["roi"] = stage_key("roi", {**crystal, "microscope": sec("microscope"), "geometry": sec("geometry"),
                                     "roi": sec("roi"),
                                     "table": sec("simulation").get("scattering_table", "peng"), "load": keys["load"]})
-    keys["iam"] = stage_key("iam", {**physics, "reflections": sec("refine").get("reflections"),
-                                    "disks": sec("roi").get("disks")})
     keys["variance"] = stage_key("variance", {"detector": sec("pattern").get("detector"), "load": keys["load"]})
     if coarse_enabled(cfg):
         keys["coarse"] = stage_key("coarse", {**full_physics, "coarse": sec("coarse"), "geometry": sec("geometry"),
                                               "disks": sec("roi").get("disks"), "load": keys["load"]})
+    iam_parts = {**physics, "reflections": sec("refine").get("reflections"), "disks": sec("roi").get("disks")}
+    if coarse_refines_physics(cfg):  # the IAM of the refined voltage, cell and B
+        iam_parts["coarse"] = keys["coarse"]
+    keys["iam"] = stage_key("iam", iam_parts)
     fine_parts = {**full_physics, "refine": sec("refine"), "refine_files": d.get("refine.gof"),
                   "load": keys["load"], "roi": keys["roi"], "variance": keys["variance"]}
     if "coarse" in keys:
@@ -218,7 +235,8 @@ def make_plan(cfg: C.RunConfig, results_dir, run_dir=None) -> Plan:
         trace_key = stage_key("fine-trace", budgetless)
         keys["report"] = stage_key("report", {"fine": keys["fine"], "iam": keys["iam"], "coarse": keys.get("coarse")})
     run_dir = Path(results_dir) / run_name(cfg) if run_dir is None else Path(run_dir)
-    return Plan(cfg=cfg, run_dir=run_dir, keys=keys, digests=d, trace_key=trace_key)
+    return Plan(cfg=cfg, run_dir=run_dir, keys=keys, digests=d, trace_key=trace_key,
+                order=STAGES_COARSE_PHYSICS if coarse_refines_physics(cfg) else STAGES)
 
 
 # ------------------------------------------------------------------------------ store keys
@@ -399,13 +417,22 @@ def compute_roi(plan: Plan) -> xr.Dataset:
 
 
 def compute_iam(plan: Plan) -> xr.Dataset:
+    from .coarse import with_refined_physics
     from .iam import iam_dataset
 
     cfg = plan.cfg
     extra = [r["hkl"] for r in cfg.section("refine").get("reflections", []) if isinstance(r, dict) and "hkl" in r]
     extra += list(cfg.section("roi").get("disks", []))
     extra = [h for h in extra if any(int(x) for x in h)]
-    return iam_dataset(_model(cfg), extra_hkl=extra or None)
+    return iam_dataset(with_refined_physics(_model(cfg), refined_physics(plan)), extra_hkl=extra or None)
+
+
+def refined_physics(plan: Plan) -> dict:
+    """What the run's coarse stage refined and the later stages use (``refined_model`` of coarse.zarr: any of
+    ``hv_kV``, ``cell``, ``b_iso_A2``); {} without coarse.refine."""
+    if not coarse_refines_physics(plan.cfg) or "coarse" not in plan.keys:
+        return {}
+    return json.loads(open_store(plan.store("coarse")).attrs.get("refined_model", "{}") or "{}")
 
 
 def compute_variance(plan: Plan) -> xr.Dataset:
@@ -418,12 +445,23 @@ def compute_variance(plan: Plan) -> xr.Dataset:
 
 
 def compute_coarse(plan: Plan) -> xr.Dataset:
-    from .coarse import coarse_disk_shifts, coarse_gl, coarse_orientation_thickness
+    """Thickness and orientation; then (``fit_gl``, ``align_disks``) gl and per-disk alignment on the same field;
+    then (``refine``) the fits that re-solve, voltage or cell, then B, each from the last result, with gl
+    again after them; last, thickness and orientation on the final field.  The store records every step,
+    the refined quantities (``physics``: value, standard error, start, range) and the model the later
+    stages use (``refined_model``)."""
+    from .coarse import SIGMA_DEFINITION, coarse_disk_shifts, coarse_gl, coarse_orientation_thickness
 
     cfg = plan.cfg
     c = cfg.section("coarse")
     pattern = open_store(plan.store("load"))
     model, probe = sized_model(plan, "coarse")
+    phys = C.coarse_physics(cfg, model.crystal)
+    if phys.needs_holz and probe.get("laue_zones") != "holz":
+        raise QcbedInputError("coarse.refine", f"{' and '.join(x for x in phys.refine if x != 'B')} is measured by the "
+                              "HOLZ lines, and the beam probe chose the zero-order Laue zone only (simulation.laue_zones "
+                              f"= \"auto\": the HOLZ model differs by {100 * (probe.get('holz_difference') or 0):.2f} % "
+                              "of a disk's maximum, below beam_accuracy)", C._HOLZ_FIX)
     pg = C.pattern_geometry(cfg, model)
     t0 = C.thickness_of(cfg)
     disks = np.array(c["disks"], int) if "disks" in c else C.roi_disks(cfg, pattern)
@@ -435,46 +473,115 @@ def compute_coarse(plan: Plan) -> xr.Dataset:
         psf = (float(r.get("psf_sigma", 0.0)), float(r.get("psf_gamma", 0.0)))
     search, step, radius = float(c.get("search_px", 5.0)), float(c.get("step_px", 1.0)), c.get("radius_px")
     background = str(c.get("background", "per_disk"))
-    res = coarse_orientation_thickness(model, pg, pattern, disks, box, search, bracket, step, radius_px=radius,
-                                       background=background, psf_px=psf)
+    kw = dict(radius_px=radius, background=background, psf_px=psf)
+    res = coarse_orientation_thickness(model, pg, pattern, disks, box, search, bracket, step, **kw)
     steps = {"orientation_thickness": _coarse_summary(res)}
     fit_gl, align = bool(c.get("fit_gl", False)), bool(c.get("align_disks", False))
+
+    def gl_round(res, name):
+        res = coarse_gl(res.model, res.geometry, pattern, disks, box, search, res.thickness_A, c.get("gl_bracket_px"),
+                        step, field=res.field, **kw)
+        steps[name] = _coarse_summary(res)
+        return res
+
     if fit_gl or align:
-        # two rounds of gl, then per-disk alignment, at the current thickness; then thickness and
-        # orientation again with those (all on the one solved field: nothing re-solves)
-        fld, first = res.field, res
+        # two rounds of gl, then per-disk alignment, at the current thickness (all on the one solved field:
+        # nothing re-solves)
         for rnd in (1, 2):
             if fit_gl:
-                res = coarse_gl(model, res.geometry, pattern, disks, box, search, res.thickness_A,
-                                c.get("gl_bracket_px"), step, radius_px=radius, background=background, psf_px=psf,
-                                field=fld)
-                steps[f"gl_{rnd}"] = _coarse_summary(res)
+                res = gl_round(res, f"gl_{rnd}")
             if align:
                 res = coarse_disk_shifts(res, pattern, max_shift_px=float(c.get("max_disk_shift_px", 3.0)),
                                          radius_px=radius, psf_px=psf)
                 steps[f"disk_alignment_{rnd}"] = _coarse_summary(res)
-        res = coarse_orientation_thickness(model, res.geometry, pattern, disks, box, search, bracket, step,
-                                           radius_px=radius, background=background, psf_px=psf, field=fld)
+    rows, refined = [], {}
+    if phys.refine:
+        res, rows, refined = _coarse_physics_fits(res, pattern, disks, box, search, step, phys, steps, kw)
+        if fit_gl:  # the tilt per pixel follows the voltage and the cell
+            res = gl_round(res, "gl_after_physics")
+    if fit_gl or align or phys.refine:
+        res = coarse_orientation_thickness(res.model, res.geometry, pattern, disks, box, search, bracket, step,
+                                           field=res.field, **kw)
         steps["orientation_thickness_final"] = _coarse_summary(res)
     d = res.as_dict()
     scan = d["scan"]
+    attrs = {"thickness_A": float(res.thickness_A), "ncc": float(res.ncc), "shift_px": list(res.shift_px),
+             "geometry": json.dumps(res.geometry.as_dict()), "at_edge": int(res.at_edge),
+             "at_bound": int(res.at_bound), "counters": json.dumps(_coarse_counters(steps, res)),
+             "steps": json.dumps(steps), "beam_probe": json.dumps(probe),
+             "physics": json.dumps(rows), "refined_model": json.dumps(refined)}
+    if rows:
+        attrs["physics_sigma_definition"] = SIGMA_DEFINITION
+        attrs["holz_lines"] = int(bool(cfg.section("simulation").get("holz_lines", False)))
     ds = xr.Dataset(
         {"ncc_per_disk": (("disk",), np.asarray(res.ncc_per_disk, float), {"long_name": "zero-mean NCC per disk"}),
          "scan_ncc": (("scan",), np.asarray(scan.get("ncc", []), float), {"long_name": "joint NCC of the thickness scan"})},
         coords={"h": ("disk", res.disks[:, 0]), "k": ("disk", res.disks[:, 1]), "l": ("disk", res.disks[:, 2]),
                 "scan_thickness_A": ("scan", np.asarray(scan.get("thickness_A", []), float), {"units": "Å"})},
-        attrs={"thickness_A": float(res.thickness_A), "ncc": float(res.ncc), "shift_px": list(res.shift_px),
-               "geometry": json.dumps(res.geometry.as_dict()), "at_edge": int(res.at_edge),
-               "at_bound": int(res.at_bound), "counters": json.dumps(res.counters), "steps": json.dumps(steps),
-               "beam_probe": json.dumps(probe)})
+        attrs=attrs)
     return ds
+
+
+def _coarse_counters(steps: dict, res) -> dict:
+    """The last step's counters, with ``eigen_solves`` and ``wall_s`` summed over every step of the stage."""
+    out = dict(res.counters)
+    out["eigen_solves"] = int(sum(st.get("eigen_solves", 0) for st in steps.values()))
+    out["wall_s"] = float(sum(st.get("wall_s", 0.0) for st in steps.values()))
+    return out
+
+
+def _coarse_physics_fits(res, pattern, disks, box, search, step, phys, steps, kw):
+    """The fits of ``coarse.refine`` in order (C.COARSE_REFINE), each from the previous result, with standard
+    errors.  Returns (last result, rows for the store and the report, the refined model for later stages)."""
+    from .coarse import coarse_cell, coarse_debye_waller, coarse_voltage
+
+    rows, refined = [], {}
+
+    def row(name, quantity, label, units, value, sigma, start, rng, **extra):
+        lo, hi = (float(x) for x in rng)
+        end = None
+        if value - lo <= 0.01 * (hi - lo):
+            end = "lower"
+        elif hi - value <= 0.01 * (hi - lo):
+            end = "upper"
+        rows.append({"name": name, "quantity": quantity, "label": label, "units": units, "value": float(value),
+                     "sigma": None if sigma is None or not np.isfinite(sigma) else float(sigma),
+                     "start": float(start), "range": [lo, hi], "at_range_end": end, **extra})
+
+    for q in phys.refine:
+        model = res.model
+        if q == "voltage":
+            res = coarse_voltage(model, res.geometry, pattern, disks, box, search, res.thickness_A, phys.hv_range_kV,
+                                 step, uncertainty=True, **kw)
+            row("hv_kV", "voltage", "accelerating voltage", "kV", res.params["hv_kV"], res.params["sigma"]["hv_kV"],
+                model.hv_kV, phys.hv_range_kV)
+            refined["hv_kV"] = float(res.model.hv_kV)
+        elif q == "cell":
+            res = coarse_cell(model, res.geometry, pattern, disks, box, search, res.thickness_A, phys.cell_rel, step,
+                              uncertainty=True, **kw)
+            for n in phys.cell_free:
+                v0 = model.crystal.cell["abc".index(n)]
+                row(f"{n}_A", "cell", f"lattice parameter {n} ({phys.crystal_system})", "Å", res.params[f"{n}_A"],
+                    res.params["sigma"][f"{n}_A"], v0, (v0 * (1 - phys.cell_rel), v0 * (1 + phys.cell_rel)))
+            refined["cell"] = [float(x) for x in res.model.crystal.cell]
+        elif q == "B":
+            res = coarse_debye_waller(model, res.geometry, pattern, disks, box, search, res.thickness_A,
+                                      list(phys.sites), [list(b) for b in phys.b_ranges_A2], step, uncertainty=True, **kw)
+            refined["b_iso_A2"] = []
+            for i, lab, rng in zip(phys.sites, phys.site_labels, phys.b_ranges_A2):
+                b = float(res.model.crystal.sites[i].b_iso)
+                row(f"B_{lab}", "B", f"Debye-Waller B of site {lab} ({i})", "Å^2", b, res.params["sigma"][f"B_{lab}"],
+                    model.crystal.sites[i].b_iso, rng, site=lab, site_index=int(i))
+                refined["b_iso_A2"].append({"site_index": int(i), "label": lab, "b_iso_A2": b})
+        steps[q] = _coarse_summary(res)  # its params hold the standard errors and their details
+    return res, rows, refined
 
 
 def _coarse_summary(res) -> dict:
     """One coarse step's outcome for the store's ``steps`` attribute (JSON)."""
     return {"thickness_A": float(res.thickness_A), "ncc": float(res.ncc), "gl_px": float(res.geometry.gl_px),
             "ncc_per_disk": [float(x) for x in res.ncc_per_disk], "params": res.as_dict()["params"],
-            "wall_s": float(res.counters.get("wall_s", 0.0))}
+            "eigen_solves": int(res.counters.get("eigen_solves", 0)), "wall_s": float(res.counters.get("wall_s", 0.0))}
 
 
 def _geometry_from_json(model, text: str):
@@ -533,11 +640,15 @@ def sized_model(plan: Plan, stage: str):
 
 
 def fine_problem(plan: Plan):
-    """The FineProblem of a run, built from its stores (pattern, roi, variance, coarse)."""
+    """The FineProblem of a run, built from its stores (pattern, roi, variance, coarse): the forward model
+    with the coarse stage's voltage, cell and B when it refined them (coarse.zarr ``refined_model``)."""
+    from .coarse import with_refined_physics
+
     cfg = plan.cfg
     pattern = open_store(plan.store("load"))
     roi = open_store(plan.store("roi"))
     model, probe = sized_model(plan, "fine")
+    model = with_refined_physics(model, refined_physics(plan))  # the coarse stage's voltage, cell, B
     pg = C.pattern_geometry(cfg, model)
     coarse = None
     if "coarse" in plan.keys:
@@ -827,6 +938,8 @@ def fine_dataset(problem, res, trace: dict | None, resumed_from=None) -> xr.Data
         "disks": json.dumps(problem.disks.tolist()),
         "beams": json.dumps(problem.beam_summary()),
         "beam_probe": json.dumps(getattr(problem, "beam_probe", None) or {}),
+        # the forward model's voltage and crystal (with a coarse.refine, the coarse stage's values)
+        "hv_kV": float(problem.model.hv_kV), "crystal": json.dumps(problem.model.crystal.summary()),
     })
     if has_zncc:
         ds.attrs.update({"zncc_mean_start": zncc_mean(zn0), "zncc_mean": zncc_mean(zn)})
@@ -874,7 +987,7 @@ def run_all(plan: Plan, say=_say, until: str | None = None) -> dict:
     """Every enabled stage in order (plain Python, no Prefect): {stage: status}."""
     out = {}
     for s in plan.stages:
-        if until is not None and STAGES.index(s) > STAGES.index(until):
+        if plan.after(s, until):
             break
         out[s] = run_stage(plan, s, say)
     return out

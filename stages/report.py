@@ -447,7 +447,13 @@ def summarize(run_dir) -> dict:
                          "disks": [[int(h), int(k), int(l)] for h, k, l in zip(coarse.h.values, coarse.k.values, coarse.l.values)],
                          "shift_px": list(coarse.attrs["shift_px"]), "at_edge": bool(coarse.attrs.get("at_edge", 0)),
                          "at_bound": bool(coarse.attrs.get("at_bound", 0)), "wall_s": cc.get("wall_s"),
-                         "eigen_solves": cc.get("eigen_solves")}
+                         "eigen_solves": cc.get("eigen_solves"),
+                         # coarse.refine: voltage / cell / B with standard errors, and what the iam and fine
+                         # stages took from them
+                         "refined": json.loads(coarse.attrs.get("physics", "[]") or "[]"),
+                         "refined_model": json.loads(coarse.attrs.get("refined_model", "{}") or "{}"),
+                         "sigma_definition": coarse.attrs.get("physics_sigma_definition"),
+                         "holz_lines": bool(coarse.attrs.get("holz_lines", 0))}
     # kept for older readers of results.json
     out["reproduce"] = {"config": out["reproducibility"]["config_path"], "versions": out["reproducibility"]["versions"],
                         "command": out["reproducibility"]["verify"]}
@@ -519,7 +525,22 @@ def _warnings(s: dict) -> list[str]:
     co = s.get("coarse")
     if co and (co["at_edge"] or co["at_bound"]):
         w.append("The coarse search ended at the edge of its range (thickness bracket or orientation window): widen it.")
+    for p in (co or {}).get("refined", []):
+        if p.get("at_range_end"):
+            lo, hi = p["range"]
+            w.append(f"Coarse {p['label']} = {fmt(p['value'])} {p['units']} ended at the {p['at_range_end']} end of its "
+                     f"range [{fmt(lo)}, {fmt(hi)}]: the optimum may lie outside it (widen {_COARSE_RANGE_KEY[p['quantity']]}).")
+        if p.get("sigma") is None:
+            w.append(f"Coarse {p['label']}: no standard error (the correlation is flat or noisy about the optimum).")
+    if co and any(p["quantity"] in ("voltage", "cell") for p in co.get("refined", [])) and not co.get("holz_lines"):
+        w.append("The coarse voltage / cell fit ran with simulation.holz_lines off: HOLZ beams near their Bragg condition "
+                 "that couple weakly are left out of the model, and their lines with them (the cell 0.26 % off instead of "
+                 "0.02 % in tests/test_coarse.py); set holz_lines = true.")
     return w
+
+
+#: the config key that sets the search range of each coarse.refine quantity
+_COARSE_RANGE_KEY = {"voltage": "coarse.hv_range_kV", "cell": "coarse.cell_range_percent", "B": "coarse.B_range_A2"}
 
 
 # ============================================================================ number formatting
@@ -749,6 +770,30 @@ def _coarse_rows(s: dict) -> tuple[list[str], list[list[Cell]]]:
     return ["", ""], rows
 
 
+def _coarse_physics_table(s: dict) -> tuple[list[str], list[list[Cell]]]:
+    """One row per quantity the coarse stage refined (coarse.refine): start, refined ± σ, search range."""
+    head = ["quantity", "units", "start", "refined ± σ", "search range"]
+    rows = []
+    for p in s["coarse"]["refined"]:
+        k = f"coarse/{p['name']}"
+        lo, hi = p["range"]
+        end = p.get("at_range_end")
+        rows.append([Cell(p["label"]), Cell(_unit(p["units"]).replace("^2", "²")), N(p["start"], key=f"{k}/start"),
+                     Cell(fmt(p["value"], p["sigma"]), value=p["value"], sigma=p["sigma"], key=f"{k}/value", cls="num"),
+                     Cell(f"[{fmt(lo)}, {fmt(hi)}]" + (f" (at the {end} end)" if end else ""),
+                          cls="num" + (" hi" if end else ""))])
+    return head, rows
+
+
+def _coarse_physics_notes(s: dict) -> list[str]:
+    co = s["coarse"]
+    used = co.get("refined_model") or {}
+    what = [w for w, k in (("the voltage", "hv_kV"), ("the cell", "cell"), ("B", "b_iso_A2")) if k in used]
+    return [f"The fine refinement and the structure-factor tables (IAM, V_g, Mott-Bethe F_x) use {' and '.join(what)} "
+            "as refined here; the search ranges come from coarse.hv_range_kV, cell_range_percent and B_range_A2.",
+            "σ: " + (co.get("sigma_definition") or "") + "."]
+
+
 def _repro_rows(s: dict) -> tuple[list[str], list[list[Cell]]]:
     r = s["reproducibility"]
     v = r.get("versions") or {}
@@ -850,7 +895,14 @@ def _sections(s: dict) -> list[tuple[str, str, object]]:
                             f"{[round(x, 4) for x in pg.get('tilt0', [])]} (hkl units), scale_y {pg.get('scale_y')}, "
                             f"flip {pg.get('flip')}."))
     if s.get("coarse"):
-        blocks.append(("h2", "Coarse stage (thickness and orientation by correlation)", None))
+        refined = s["coarse"].get("refined") or []
+        extra = "".join(f", {q}" for q in dict.fromkeys(
+            {"voltage": "voltage", "cell": "cell", "B": "Debye-Waller B"}[p["quantity"]] for p in refined))
+        title = f"thickness, orientation{extra}" if refined else "thickness and orientation"
+        blocks.append(("h2", f"Coarse stage ({title} by correlation)", None))
+        if refined:
+            blocks.append(("table", "", _coarse_physics_table(s)))
+            blocks.append(("notes", "", _coarse_physics_notes(s)))
         blocks.append(("table", "", _coarse_rows(s)))
         blocks.append(("images", "coarse", "Thickness scan and correlation per disk"))
     blocks.append(("h2", "Files", None))

@@ -264,3 +264,94 @@ optimizer = "{optimizer}"
     path = folder / f"{name}.toml"
     path.write_text(text)
     return path
+
+
+def write_small_holz_run(folder: str | Path, name: str = "holz", *, seed: int = 3, hv_kV: float = 200.0,
+                         hv_kV_config: float = 201.0, cell_factor: float = 1.0, b_factor: float = 1.0,
+                         coarse_refine=("voltage",), coarse_extra: str = "", max_iterations: int = 2) -> Path:
+    """A small synthetic Si LARBED run whose HOLZ lines carry the voltage and the cell, for the coarse
+    physics fits through the pipeline: 3 disks (000, ±1-1-1) of 32 x 32 tilts 5.7° off [110] on the 111 row,
+    800 Å, true voltage ``hv_kV``, Poisson noise at 2e4 counts, simulated with HOLZ and every near-Bragg HOLZ
+    beam exact (``simulation.holz_lines = true``).  The config (inline crystal) starts from
+    ``hv_kV_config``, the cell x ``cell_factor`` and B x ``b_factor``, and refines ``coarse_refine`` in the
+    coarse stage (``coarse_extra``: more [coarse] lines), then U(1-1-1) and the thickness (Levenberg-Marquardt,
+    ``max_iterations`` steps) on a 7 x 7 ROI.  Returns the config path."""
+    from dataclasses import replace
+
+    from .physics.beams import Selection
+    from .physics.crystal_io import load_crystal
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    si = load_crystal(Path(__file__).resolve().parent.parent / "data" / "si.toml")
+    g1 = (1, -1, -1)
+    disks = [(0, 0, 0), g1, (-1, 1, 1)]
+    sel = Selection(g_max=3.0, sg_max=0.3, sg_strong=0.02, holz=True, holz_u_strong=0.0)
+    truth = ForwardModel(si, hv_kV, (1, 1, 0), x_axis=g1, absorption="proportional", absorption_fraction=0.02,
+                         selection=sel, tile_invA=0.2)
+    pg = PatternGeometry(truth.geometry, "larbed", gl_px=40.0, rotation_deg=-35.0, centre_px=(15.6, 15.3),
+                         tilt0=tuple(truth.geometry.kt_from_xy(-0.16, 4.0)))
+    counts, _, var, info = make_larbed(truth, pg, (32, 32), disks, 800.0,
+                                       Effects(scale=2e4, background=20.0, noise="poisson", seed=seed))
+    info = {**info, "cell": list(si.cell), "b_iso_A2": {s.label: s.b_iso for s in si.sites}}
+    write_example(folder, name, counts, info, variance=np.maximum(var, 1.0), dtype="float64")
+    start = replace(si, cell=tuple(cell_factor * x for x in si.cell[:3]) + tuple(si.cell[3:]))
+    atoms = ", ".join(f'{{label = "{s.label}", element = "{s.element}", xyz = {list(s.fract)}, B = {b_factor * s.b_iso!r}}}'
+                      for s in start.sites)
+    refine = ", ".join(f'"{q}"' for q in coarse_refine)
+    text = f"""# Small synthetic Si LARBED run with HOLZ lines (stages.synthetic.write_small_holz_run, seed {seed};
+# true voltage {hv_kV} kV, cell and B of data/si.toml).
+[crystal]
+name = "Si"
+cell = {[float(x) for x in start.cell]}
+spacegroup = "{start.spacegroup}"
+atoms = [{atoms}]
+
+[microscope]
+hv_kV = {hv_kV_config!r}
+zone = [1, 1, 0]
+x_axis = [1, -1, -1]
+
+[simulation]
+thickness_A = 820.0
+absorption = "proportional"
+absorption_fraction = 0.02
+g_max = 3.0
+sg_max = 0.3
+sg_strong = 0.02
+tile_invA = 0.2
+laue_zones = "holz"
+holz_lines = true
+beam_accuracy = 0.02  # the data were simulated with this beam set (1 % from the probe's reference)
+
+[pattern]
+kind = "larbed"
+file = "{name}.npy"
+hkl = [[0, 0, 0], [1, -1, -1], [-1, 1, 1]]
+variance = "{name}_variance.npy"
+
+[geometry]
+gl_px = 40.0
+rotation_deg = -35.0
+centre_px = [15.6, 15.3]
+tilt0_xy_invA = [-0.16, 4.0]
+
+[roi]
+regions = [{{corners = [[-3.0, -3.0], [3.0, -3.0], [-3.0, 3.0]], samples = [7, 7]}}]
+
+[coarse]
+thickness_bracket_A = [700.0, 950.0]
+box_px = 10.0
+search_px = 3.0
+refine = [{refine}]
+{coarse_extra}
+
+[refine]
+gof = "Chi2_LARBED"
+reflections = [{{hkl = [1, -1, -1], refine = ["U"], range_percent = 5}}]
+geometry = ["thickness", "shift"]
+max_iterations = {max_iterations}
+"""
+    path = folder / f"{name}.toml"
+    path.write_text(text)
+    return path

@@ -274,6 +274,58 @@ def test_rebuilt_model_carries_refined_potential(si):
     assert b.potential.iam([(4, -4, -4)])[0] != m.potential.iam([(4, -4, -4)])[0]
 
 
+class _QuadraticNCC:
+    """A stand-in for the physics objective: NCC(x)^2 = r*^2 - (1 - r*^2) q(x) / dof, q = (x - x0)^T H (x - x0) / 2,
+    so that the chi^2-like profile rises by exactly q (its Hessian is H)."""
+
+    def __init__(self, x0, H, n_par):
+        self.x0, self.H = np.asarray(x0, float), np.asarray(H, float)
+        self.prob = SimpleNamespace(mask=np.ones((2, 500), bool), background="per_disk")
+        self.dof = 1000 - (2 + 1 + 3 + n_par)
+        self.calls = 0
+
+    def evaluate(self, x):
+        self.calls += 1
+        d = np.atleast_1d(np.asarray(x, float)) - self.x0
+        r2 = 0.96 - 0.04 * 0.5 * d @ self.H @ d / self.dof
+        return None, None, self.prob, None, None, float(np.sqrt(r2)), None, None
+
+
+def test_profile_sigma_recovers_a_known_curvature():
+    """Standard errors from 2 H^-1 of the chi^2-like profile: exact for a quadratic profile, with the step
+    adapted from a far too large first guess, correlations included; no error at a physical limit."""
+    obj = _QuadraticNCC([200.0], [[2.0 / 0.05**2]], 1)
+    u = CO._profile_sigma(obj, [200.0], [0.5])  # 10 sigma: adapted to 2.5 sigma
+    assert u["sigma"][0] == pytest.approx(0.05, rel=1e-6) and u["steps"][0] == pytest.approx(0.125, rel=1e-6)
+    assert 5.0 < u["rise"][0] < 7.0 and u["dof"] == 993 and obj.calls == 5
+    s1, s2, rho = 0.02, 0.3, 0.6
+    cov = np.array([[s1 * s1, rho * s1 * s2], [rho * s1 * s2, s2 * s2]])
+    obj = _QuadraticNCC([5.4, 0.5], 2.0 * np.linalg.inv(cov), 2)
+    u = CO._profile_sigma(obj, [5.4, 0.5], [0.01, 0.2], lower=[0.0, 0.0])
+    assert u["sigma"] == pytest.approx([s1, s2], rel=1e-6) and np.allclose(u["covariance"], cov, rtol=1e-6)
+    u = CO._profile_sigma(_QuadraticNCC([0.0], [[100.0]], 1), [0.0], [0.1], lower=[0.0])
+    assert np.isnan(u["sigma"][0]) and "physical limit" in u["note"]
+    u = CO._profile_sigma(_QuadraticNCC([1.0], [[-100.0]], 1), [1.0], [0.1])  # a minimum of the NCC
+    assert np.isnan(u["sigma"][0]) and "not at a maximum" in u["note"]
+
+
+def test_with_refined_physics(si):
+    """The coarse stage's refined voltage, cell and B put into another model (the fine stage's), with its
+    refined U carried over (scaled by gamma'/gamma for the voltage)."""
+    m = _small_model(si, u={G: 0.05})
+    assert CO.with_refined_physics(m, {}) is m
+    two = replace(si, sites=si.sites + (replace(si.sites[0], label="Si2", fract=(0.3, 0.3, 0.3)),))
+    m2 = _small_model(two)
+    r = CO.with_refined_physics(m2, {"hv_kV": 199.5, "cell": [5.44, 5.44, 5.44, 90.0, 90.0, 90.0],
+                                     "b_iso_A2": [{"site_index": 1, "label": "Si2", "b_iso_A2": 0.61}]})
+    assert r.hv_kV == 199.5 and r.geometry.hv_kV == 199.5 and r.crystal.cell[:3] == (5.44,) * 3
+    assert r.crystal.sites[1].b_iso == 0.61 and r.crystal.sites[0].b_iso == si.sites[0].b_iso
+    assert r.selection == m2.selection and m2.hv_kV == 200.0
+    v = CO.with_refined_physics(m, {"hv_kV": 201.0})
+    ratio = float(CO.K.gamma_factor(201.0) / CO.K.gamma_factor(200.0))
+    assert complex(v.potential.get([G])[0][0]) == pytest.approx(0.05 * ratio, rel=1e-12)
+
+
 def test_crystal_system(si):
     site = (AtomSite("A", "Mg", (1 / 3, 2 / 3, 0.25)),)
     assert crystal_system(si) == "cubic"

@@ -296,3 +296,109 @@ def test_acentric_reflections_name_amplitude_and_phase(run_dir):
     assert err.fields == ["refine.reflections[1].refine"] and "centric" in str(err)
     err = _errors(_write(run_dir, gaas.replace('refine = ["U"]', 'refine = ["U_ampl"]')))
     assert err.fields == ["refine.reflections[0].refine"] and "Uprime_phase" in str(err)
+
+
+# ----------------------------------------------------------------------------- [coarse] refine: voltage, cell, B
+HOLZ = 'sg_strong = 0.03\nlaue_zones = "holz"\nholz_lines = true'
+
+
+def _physics(run_dir, lines: str, simulation: str = HOLZ, crystal: str | None = None):
+    """validate_config of the CBED run with [coarse] + ``lines`` (and HOLZ on)."""
+    text = (CBED + COARSE).replace("sg_strong = 0.03", simulation)
+    text = text.replace('disks = [[0, 0, 0], [1, -1, -1]]\n\n[run]', 'disks = [[0, 0, 0], [1, -1, -1]]\n' + lines + '\n\n[run]')
+    if crystal is not None:
+        text = text.replace('file = "../si.cif"', crystal)
+    return _write(run_dir, text)
+
+
+def test_coarse_refine_keys_and_defaults(run_dir):
+    """coarse.refine switches the fits that re-solve on; coarse_physics applies every default."""
+    from stages.config import CELL_RANGE_PERCENT, HV_HALF_RANGE_KV, coarse_physics
+
+    cfg = validate_config(_physics(run_dir, 'refine = ["B", "voltage"]'))
+    p = coarse_physics(cfg, crystal_of(cfg))
+    assert p.refine == ("voltage", "B") and p.needs_holz  # run order, whatever the list's order
+    assert p.hv_range_kV == (200.0 - HV_HALF_RANGE_KV, 200.0 + HV_HALF_RANGE_KV)
+    b = crystal_of(cfg).sites[0].b_iso
+    assert p.sites == (0,) and p.site_labels == ("Si1",) and p.b_ranges_A2[0] == pytest.approx((0.5 * b, 1.5 * b))
+    cfg = validate_config(_physics(run_dir, 'refine = ["cell", "B"]\ncell_range_percent = 0.5\nB_sites = ["Si1"]\n'
+                                            "B_range_A2 = {Si1 = [0.2, 0.9]}"))
+    p = coarse_physics(cfg, crystal_of(cfg))
+    assert p.crystal_system == "cubic" and p.cell_free == ("a",) and p.cell_rel == 0.005
+    assert p.sites == (0,) and p.b_ranges_A2 == ((0.2, 0.9),) and p.hv_range_kV is None
+    cfg = validate_config(_physics(run_dir, 'refine = ["cell"]\nB_sites = [0]\nhv_range_kV = [190.0, 210.0]'))
+    assert coarse_physics(cfg, crystal_of(cfg)).cell_rel == CELL_RANGE_PERCENT / 100  # unused ranges are allowed
+    cfg = validate_config(_physics(run_dir, "refine = []"))
+    assert coarse_physics(cfg, crystal_of(cfg)).refine == ()
+    # B alone needs no HOLZ
+    validate_config(_physics(run_dir, 'refine = ["B"]\nB_sites = [0]\nB_range_A2 = [0.0, 1.0]', "sg_strong = 0.03"))
+
+
+HEX = '''name = "Mg"
+cell = [3.21, 3.21, 5.21, 90.0, 90.0, 120.0]
+spacegroup = "P 63/m m c"
+atoms = [{label = "Mg1", xyz = [0.3333333, 0.6666667, 0.25], B = 0.8}]'''
+MONO = '''name = "m"
+cell = [5.0, 6.0, 7.0, 90.0, 100.0, 90.0]
+spacegroup = "P 1 2/m 1"
+atoms = [{label = "Fe1", xyz = [0.1, 0.2, 0.3], B = 0.5}]'''
+RHOMB = '''name = "r"
+cell = [5.0, 5.0, 5.0, 70.0, 70.0, 70.0]
+spacegroup = "R -3 m:R"
+atoms = [{label = "Bi1", xyz = [0.2, 0.2, 0.2], B = 0.5}]'''
+
+
+def test_coarse_cell_follows_the_crystal_system(run_dir):
+    """Hexagonal: a and c free; monoclinic (free beta) and rhombohedral axes (free alpha) refused, naming the fix.
+    (The CBED geometry is for Si [110]: only the [coarse] physics is built from these crystals.)"""
+    import tomllib
+
+    from stages.config import coarse_physics
+
+    def physics_of(crystal):
+        text = _physics(run_dir, 'refine = ["cell"]', crystal=crystal).read_text()
+        cfg = RunConfig((run_dir / "config.toml").resolve(), tomllib.loads(text))
+        return coarse_physics(cfg, crystal_of(cfg))
+
+    p = physics_of(HEX)
+    assert p.crystal_system == "hexagonal" and p.cell_free == ("a", "c")
+    for crystal, system, fix in ((MONO, "monoclinic", 'remove "cell"'), (RHOMB, "rhombohedral", "R -3 m:H")):
+        with pytest.raises(QcbedInputError) as info:
+            physics_of(crystal)
+        assert info.value.field == "coarse.refine" and f"is {system}" in str(info.value) and fix in str(info.value)
+
+
+@pytest.mark.parametrize("lines, field, words", [
+    ('refine = ["voltage", "HV"]', "coarse.refine", "unknown entry 'HV'"),
+    ('refine = "voltage"', "coarse.refine", "list of strings"),
+    ('refine = ["B", "B"]', "coarse.refine", "twice"),
+    ('refine = ["voltage", "cell"]', "coarse.refine", "cannot be refined together"),
+    ('refine = ["voltage"]\nhv_range_kV = [201.0, 205.0]', "coarse.hv_range_kV", "does not contain the start"),
+    ('refine = ["voltage"]\nhv_range_kV = [205.0, 201.0]', "coarse.hv_range_kV", "low < high"),
+    ('refine = ["B"]\nB_sites = ["Ge1"]', "coarse.B_sites", "no atom site 'Ge1'"),
+    ('refine = ["B"]\nB_sites = [3]', "coarse.B_sites", "out of range"),
+    ('refine = ["B"]\nB_sites = []', "coarse.B_sites", "non-empty list"),
+    ('refine = ["B"]\nB_range_A2 = [-0.2, 0.5]', "coarse.B_range_A2", "0 <= low < high"),
+    ('refine = ["B"]\nB_range_A2 = [0.0, 0.0]', "coarse.B_range_A2", "0 <= low < high"),
+    ('refine = ["B"]\nB_range_A2 = {Si1 = [0.5, -0.5]}', "coarse.B_range_A2.Si1", "0 <= low < high"),
+    ('refine = ["B"]\nB_range_A2 = {Ge = [0.2, 0.5]}', "coarse.B_range_A2.Ge", "not a refined site"),
+    ('refine = ["cell"]\ncell_range_percent = 0.0', "coarse.cell_range_percent", "in (0, 20]"),
+])
+def test_coarse_refine_rejects_bad_input(run_dir, lines, field, words):
+    err = _errors(_physics(run_dir, lines))
+    assert err.fields == [field] and words in str(err)
+    assert err.errors[0].fix  # every problem says how to fix it
+
+
+def test_coarse_voltage_and_cell_need_the_holz_lines(run_dir):
+    err = _errors(_physics(run_dir, 'refine = ["voltage"]', 'sg_strong = 0.03\nlaue_zones = "zolz"'))
+    assert err.fields == ["coarse.refine"] and "HOLZ lines" in str(err) and 'laue_zones = "holz"' in str(err)
+    err = _errors(_physics(run_dir, 'refine = ["cell"]', 'sg_strong = 0.03\nlaue_zones = "zolz"'))
+    assert err.fields == ["coarse.refine"] and "cell is measured by the HOLZ lines" in str(err)
+    validate_config(_physics(run_dir, 'refine = ["voltage"]', "sg_strong = 0.03"))  # "auto": decided at run time
+
+
+def test_coarse_refine_problems_are_reported_together(run_dir):
+    err = _errors(_physics(run_dir, 'refine = ["voltage", "B"]\nhv_range_kV = [100.0, 150.0]\nB_sites = ["X"]\n'
+                                    "cell_range_percent = -1.0"))
+    assert sorted(err.fields) == ["coarse.B_sites", "coarse.cell_range_percent", "coarse.hv_range_kV"]

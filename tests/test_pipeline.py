@@ -416,3 +416,39 @@ def test_levenberg_marquardt_run_resumes_exactly(small, tmp_path):
     c = json.loads(a.attrs["counters"])
     assert c["optimizer"] == "levenberg-marquardt"
     assert c["eigen_solves"] == c["eigen_solves_start"] + c["lm_steps"] == 2 + c["lm_steps"]
+
+
+def test_coarse_voltage_is_refined_recorded_and_used(tmp_path):
+    """coarse.refine = ["voltage"] on a small LARBED run whose HOLZ lines carry the voltage (truth 200 kV, config
+    201 kV): recovered within its standard error (measured 199.952 ± 0.034 kV), recorded in coarse.zarr, taken
+    by the iam and fine stages (iam runs after coarse), in results.json and the report; a changed search range
+    recomputes coarse, iam, fine and report only."""
+    from stages.report import fmt
+    from stages.synthetic import write_small_holz_run
+
+    cfg = write_small_holz_run(tmp_path / "cfg", "holz", coarse_extra="hv_range_kV = [198.5, 202.5]")
+    plan = _plan(cfg, tmp_path)
+    assert plan.stages == ["load", "roi", "variance", "coarse", "iam", "fine", "report"]
+    P.run_all(plan, say=_quiet)
+    co = xr.open_zarr(plan.store("coarse"), consolidated=False)
+    (row,) = json.loads(co.attrs["physics"])
+    hv, sigma = row["value"], row["sigma"]
+    assert row["name"] == "hv_kV" and row["start"] == 201.0 and row["range"] == [198.5, 202.5]
+    assert 0.005 < sigma < 0.1 and abs(hv - 200.0) < max(3 * sigma, 0.1) and not row["at_range_end"]
+    assert json.loads(co.attrs["refined_model"]) == {"hv_kV": hv}
+    assert abs(co.attrs["thickness_A"] / 800.0 - 1) < 0.01  # config starts at 820 Å
+    steps = json.loads(co.attrs["steps"])
+    assert steps["voltage"]["params"]["sigma"]["hv_kV"] == sigma and "orientation_thickness_final" in steps
+    assert json.loads(co.attrs["counters"])["eigen_solves"] == sum(s["eigen_solves"] for s in steps.values()) >= 6
+    for stage in ("iam", "fine"):  # both use the refined voltage
+        assert xr.open_zarr(plan.store(stage), consolidated=False).attrs["hv_kV"] == hv
+    res = json.loads((plan.run_dir / "report" / "results.json").read_text())
+    assert res["coarse"]["refined"] == [row] and res["coarse"]["refined_model"] == {"hv_kV": hv}
+    assert res["microscope"]["hv_kV"] == hv
+    assert not [w for w in res["warnings"] if "Coarse" in w or "beam sets" in w]
+    md = (plan.run_dir / "report" / "report.md").read_text()
+    assert f"| accelerating voltage | kV | 201 | {fmt(hv, sigma)} | [198.5, 202.5] |" in md
+    assert "voltage by correlation" in md and "use the voltage as refined here" in md
+    cfg.write_text(cfg.read_text().replace("hv_range_kV = [198.5, 202.5]", "hv_range_kV = [198.0, 202.5]"))
+    plan2 = _plan(cfg, tmp_path)
+    assert {s for s in plan.stages if plan.keys[s] != plan2.keys[s]} == {"coarse", "iam", "fine", "report"}
