@@ -898,12 +898,24 @@ def _physics_result(obj: _PhysicsObjective, x_best, params, t_start, at_bound) -
     return _result(prob, model, pg, t, m, ncc, per, peak, obj.counters, t_start, params, scan, at_bound)
 
 
+#: what a physics fit reports as its standard error: none (the curvature is not calibrated)
+SIGMA_UNDEFINED = (
+    "undefined: the curvature of the correlation profile (sigma_curvature in coarse.zarr's steps) assumes "
+    "independent samples of equal variance, but the samples share pixels and the NCC is not a likelihood; on 5 "
+    "noise draws the scatter of the voltage and of B was 1.4-1.5x that curvature estimate, so it is kept only as a "
+    "lower bound")
+
+
 def _with_sigma(result: CoarseResult, names, unc: dict | None) -> CoarseResult:
-    """``result`` with ``params["sigma"]`` {name: standard error} and ``params["uncertainty"]`` (the details:
-    covariance in the order of ``names``, samples, steps) when ``unc`` (:func:`_profile_sigma`) is given."""
+    """``result`` with ``params["sigma"]`` {name: NaN: undefined, :data:`SIGMA_UNDEFINED`},
+    ``params["sigma_curvature"]`` {name: the curvature estimate, a lower bound} and ``params["uncertainty"]``
+    (the details: covariance in the order of ``names``, samples, steps) when ``unc`` (:func:`_profile_sigma`)
+    is given."""
     if unc is not None:
-        result.params["sigma"] = {nm: float(s) for nm, s in zip(names, unc["sigma"])}
-        result.params["uncertainty"] = {**unc, "names": list(names), "definition": SIGMA_DEFINITION}
+        result.params["sigma"] = {nm: float("nan") for nm in names}
+        result.params["sigma_curvature"] = {nm: float(s) for nm, s in zip(names, unc["sigma"])}
+        result.params["uncertainty"] = {**unc, "names": list(names), "definition": SIGMA_DEFINITION,
+                                        "reported": SIGMA_UNDEFINED}
     return result
 
 

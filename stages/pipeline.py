@@ -450,7 +450,7 @@ def compute_coarse(plan: Plan) -> xr.Dataset:
     again after them; last, thickness and orientation on the final field.  The store records every step,
     the refined quantities (``physics``: value, standard error, start, range) and the model the later
     stages use (``refined_model``)."""
-    from .coarse import SIGMA_DEFINITION, coarse_disk_shifts, coarse_gl, coarse_orientation_thickness
+    from .coarse import SIGMA_UNDEFINED, coarse_disk_shifts, coarse_gl, coarse_orientation_thickness
 
     cfg = plan.cfg
     c = cfg.section("coarse")
@@ -511,7 +511,7 @@ def compute_coarse(plan: Plan) -> xr.Dataset:
              "steps": json.dumps(steps), "beam_probe": json.dumps(probe),
              "physics": json.dumps(rows), "refined_model": json.dumps(refined)}
     if rows:
-        attrs["physics_sigma_definition"] = SIGMA_DEFINITION
+        attrs["physics_sigma_definition"] = SIGMA_UNDEFINED
         attrs["holz_lines"] = int(bool(cfg.section("simulation").get("holz_lines", False)))
     ds = xr.Dataset(
         {"ncc_per_disk": (("disk",), np.asarray(res.ncc_per_disk, float), {"long_name": "zero-mean NCC per disk"}),

@@ -530,8 +530,6 @@ def _warnings(s: dict) -> list[str]:
             lo, hi = p["range"]
             w.append(f"Coarse {p['label']} = {fmt(p['value'])} {p['units']} ended at the {p['at_range_end']} end of its "
                      f"range [{fmt(lo)}, {fmt(hi)}]: the optimum may lie outside it (widen {_COARSE_RANGE_KEY[p['quantity']]}).")
-        if p.get("sigma") is None:
-            w.append(f"Coarse {p['label']}: no standard error (the correlation is flat or noisy about the optimum).")
     if co and any(p["quantity"] in ("voltage", "cell") for p in co.get("refined", [])) and not co.get("holz_lines"):
         w.append("The coarse voltage / cell fit ran with simulation.holz_lines off: HOLZ beams near their Bragg condition "
                  "that couple weakly are left out of the model, and their lines with them (the cell 0.26 % off instead of "
