@@ -6,8 +6,8 @@ pixels are valid (measured, finite, not masked).  A spline interpolation would s
 over the whole image through its prefilter.
 
 Point spread: :func:`voigt_kernel`, the 2-D radial Voigt profile on a grid of any two step vectors,
-weighted at the offsets' true lengths and cut at a radius set by its widths alone (4 sigma + 8 gamma);
-:func:`convolve_valid` applies it on a padded grid.
+weighted at the offsets' true lengths and cut (tapered over its outer tenth) at a radius set by its
+widths alone (4 sigma + 8 gamma); :func:`convolve_valid` applies it on a padded grid.
 """
 
 from __future__ import annotations
@@ -77,6 +77,8 @@ def cubic_sample_stack(images: np.ndarray, rows, cols, valid: np.ndarray | None 
 #: (:func:`voigt_radius`; why these two numbers: :func:`voigt_kernel`).
 PSF_RADIUS_SIGMA = 4.0
 PSF_RADIUS_GAMMA = 8.0
+#: Fraction of the radius R over which the kernel tapers to zero (:func:`psf_taper`).
+PSF_TAPER = 0.1
 
 
 def voigt_profile(r, sigma: float, gamma: float) -> np.ndarray:
@@ -114,6 +116,13 @@ def _offsets_within(steps: np.ndarray, radius: float):
     return p, q, d
 
 
+def psf_taper(r, radius: float) -> np.ndarray:
+    """1 within (1 - :data:`PSF_TAPER`) R, a half cosine down to 0 at R, 0 beyond (R = ``radius``)."""
+    R = float(radius)
+    u = np.clip((np.asarray(r, float) - (1.0 - PSF_TAPER) * R) / (PSF_TAPER * R), 0.0, 1.0)
+    return 0.5 * (1.0 + np.cos(np.pi * u))
+
+
 def voigt_kernel(sigma: float, gamma: float, steps=None) -> np.ndarray:
     """2-D radial Voigt point-spread kernel on a (possibly skewed) grid, normalised to unit sum.
 
@@ -122,35 +131,35 @@ def voigt_kernel(sigma: float, gamma: float, steps=None) -> np.ndarray:
     offset p a + q b by the profile at its length r = |p a + q b|, so a skewed or rectangular grid gets
     the weights of the true distances:
 
-        K(r) ∝ max(V(r) - V(R), 0),   V = :func:`voigt_profile`,   R = 4σ + 8γ (:func:`voigt_radius`).
+        K(r) ∝ V(r) T(r/R),   V = :func:`voigt_profile`,   R = 4σ + 8γ (:func:`voigt_radius`),
+
+    T (:func:`psf_taper`) = 1 out to 0.9 R, then a half cosine to 0 at R.
 
     The truncation radius depends on σ and γ only, never on the caller's grid padding, so a (σ, γ)
     means one kernel whatever padding it is evaluated with.  A cut is needed: V(r) falls as γ/(π r²)
-    beyond the Gaussian core, so its 2-D integral 2π∫V r dr grows as 2γ ln r without bound and the unit-
-    sum normalisation depends on where the profile is cut.  R = 4σ + 8γ keeps the Gaussian core to
-    1 - e^-8 = 99.97 % of its 2-D weight (V(4σ) = 3e-4 of the peak: a pure Gaussian's unit-sum weights
-    differ from the untruncated Gaussian's by < 0.26 % of the peak), and cuts the Lorentzian wing at 8 half-widths, where the 1-D Lorentzian holds
+    beyond the Gaussian core, so its 2-D integral 2π∫V r dr grows as 2γ ln r without bound and the
+    unit-sum normalisation depends on where the profile is cut.  R = 4σ + 8γ keeps the Gaussian core to
+    1 - e^-8 = 99.97 % of its 2-D weight (the taper changes a pure Gaussian's unit-sum weights by < 0.1 %
+    of the peak), and cuts the Lorentzian wing at 8 half-widths, where the 1-D Lorentzian holds
     (2/π) arctan 8 = 92 % of its weight; both terms scale with the only lengths of the profile, so the
     kernel of (k σ, k γ) on a grid of step k is that of (σ, γ) on the unit grid.  (It is also the radius
-    the synthetic LARBED data used before this definition.)  Subtracting V(R) makes every weight go to
-    zero as R reaches the offset's distance, so the kernel, and a figure of merit through it, change
-    continuously with σ and γ (a hard cut would add whole grid offsets as R passes them).  The kernel
-    holds only the offsets closer than R: a caller convolving on a padded grid needs the padding
-    :func:`voigt_support` gives, or a radius below :func:`voigt_max_radius` for its padding.
+    the synthetic LARBED data used before this definition.)  The taper makes every weight go to zero
+    smoothly as R comes down to the offset's distance, so the kernel, and a figure of merit through it,
+    change continuously (and smoothly) with σ and γ: a hard cut would add whole grid offsets as R
+    passes them, steps that stall the inner line searches.  It is confined to the outer tenth of R so
+    that the wing, which is what tells γ from σ, is kept out to 0.9 R (subtracting V(R) everywhere, the
+    other continuous cut, would remove most of the wing between 3σ and R).  The kernel holds only the
+    offsets closer than R: a caller convolving on a padded grid needs the padding :func:`voigt_support`
+    gives, or a radius up to :func:`voigt_max_radius` for its padding.
     """
     a = _grid_steps(steps)
     R = voigt_radius(sigma, gamma)
     p, q, d = _offsets_within(a, R)
-    w = np.maximum(voigt_profile(d, sigma, gamma) - voigt_profile(R, sigma, gamma), 0.0)
-    w[d >= R] = 0.0
-    nz = w > 0
-    P = int(np.abs(p[nz]).max()) if nz.any() else 0
-    Q = int(np.abs(q[nz]).max()) if nz.any() else 0
+    inside = d < R
+    P, Q = int(np.abs(p[inside]).max()), int(np.abs(q[inside]).max())
+    w = np.where(inside, voigt_profile(d, sigma, gamma) * psf_taper(d, R), 0.0)
     cp, cq = p.shape[0] // 2, p.shape[1] // 2
     k = w[cp - P:cp + P + 1, cq - Q:cq + Q + 1]
-    if not k.sum() > 0:  # R below every nonzero offset and round-off at the centre: the identity
-        k = np.zeros((1, 1))
-        k[0, 0] = 1.0
     return k / k.sum()
 
 
