@@ -147,7 +147,8 @@ tilt0_xy_invA = [{TILT0_XY[0]}, {TILT0_XY[1]}]
 
 [roi]
 # the central 21 x 21 tilts, one sample per tilt step (the PSF convolution needs the data's own
-# step: sampled every 2 steps it biased U_111 by 1%); padding 9 steps (4.5 sigma of the PSF)
+# step: sampled every 2 steps it biased U_111 by 1%); padding 9 steps: it holds PSF kernels that
+# reach 4 sigma + 8 gamma < 10 steps (the truth's reaches 8.8), and the fit's search stays inside
 regions = [{{corners = [[-10.0, -10.0], [10.0, -10.0], [-10.0, 10.0]], samples = [21, 21]}}]
 padding = 9
 

@@ -1007,10 +1007,35 @@ def _cross_checks(data: dict, ctx: _Ctx) -> None:
         for name, needs in (("disk_shifts", "cbed"), ("psf", "larbed")):
             if name in geo and kind != needs:
                 ctx.add(QcbedInputError("refine.geometry", f"{name!r} applies to kind = \"{needs}\" only", f"remove {name!r}"))
+    _check_psf_padding(kind, roi, ref, ctx)
     coarse = data.get("coarse") if isinstance(data.get("coarse"), dict) else {}
     if kind == "cbed" and coarse.get("align_disks") is True and not ctx.has("coarse.align_disks"):
         ctx.add(QcbedInputError("coarse.align_disks", "per-disk alignment applies to kind = \"larbed\" only (CBED disks "
                                 "share one image)", "remove align_disks; the orientation fit moves every disk"))
+
+
+def _check_psf_padding(kind, roi: dict, ref: dict, ctx: _Ctx) -> None:
+    """A LARBED PSF start (refine.psf_sigma/psf_gamma) must fit roi.padding on every region's grid
+    (stages.fine.psf_padding_limits), found here before any stage runs."""
+    from .fine import psf_padding_limits, region_grid_steps
+    from .roi import Region
+
+    if kind != "larbed" or not isinstance(roi.get("regions"), list) or not roi["regions"]:
+        return
+    if any(ctx.has(f) for f in ("roi.regions", "roi.padding", "refine.geometry", "refine.psf_sigma", "refine.psf_gamma")):
+        return
+    geo = ref.get("geometry")
+    refined = isinstance(geo, list) and "psf" in geo
+    psf0 = (ref.get("psf_sigma", 0.0), ref.get("psf_gamma", 0.0))
+    if not (refined or psf0[0] > 0 or psf0[1] > 0):
+        return
+    try:
+        steps = [region_grid_steps(Region(r["corners"], r["samples"])) for r in roi["regions"]]
+        psf_padding_limits(steps, roi.get("padding", 0), psf0, refined)
+    except QcbedInputError as e:
+        ctx.add(e)
+    except (TypeError, KeyError, ValueError):  # a malformed region: reported by its own check
+        return
 
 
 # builder error fields that do not name the config section

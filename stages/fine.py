@@ -11,6 +11,11 @@ The nested loop of the seed specification (../shared/seed/), with the anchor's w
   that cached solution: thickness, gl, rotation, global shift, optionally per-disk shifts (CBED) and
   the Voigt PSF sigma/gamma (LARBED, convolved on the padded grid).  Geometry changes move only
   the experimental sampling points; the simulation tilts stay fixed.
+* The PSF kernel (:func:`stages.physics.sampling.voigt_kernel`) weights each offset of a region's
+  grid by the profile at its display-space length (skewed and rectangular grids included) and is cut
+  at R = 4 sigma + 8 gamma, never at the padding: a fitted sigma/gamma means the same at any padding
+  that holds the kernel.  ``roi.padding`` must hold the start PSF (else an error naming it with the
+  padding needed), and the search of sigma and gamma is kept within what it holds.
 * The objective does not depend on history: every inner search starts from the same recorded
   geometry (after a cheap thickness scan from the cached solution), so equal structure factors
   always give equal figures of merit, and the reported geometry is the inner optimum of the best
@@ -39,7 +44,9 @@ from scipy.optimize import minimize
 from .errors import QcbedInputError
 from .physics.gof import BaseGOF
 from .physics.pattern_geometry import PatternGeometry
-from .physics.sampling import convolve_valid, cubic_support, sample_covariance_product, sampled_variance, voigt_kernel
+from .physics.sampling import (PSF_RADIUS_GAMMA, PSF_RADIUS_SIGMA, convolve_valid, cubic_support,
+                               sample_covariance_product, sampled_variance, voigt_kernel, voigt_max_radius,
+                               voigt_radius)
 from .physics.structure_factors import centric_phase, related_reflections
 from .simulate import ForwardModel
 
@@ -264,6 +271,48 @@ def sf_potential_derivatives(model: ForwardModel, params: list[SFParam], values)
     return out
 
 
+#: Central-difference step of the PSF widths in the Jacobian [tilt steps] (:func:`geometry_fd_step`).
+PSF_FD_STEP = 0.02
+
+
+def region_grid_steps(region) -> np.ndarray:
+    """The two step vectors [a, b] (display px) of a :class:`stages.roi.Region`'s grid: a along its rows
+    (p1 -> p3), b along its columns (p1 -> p2), as the ROI stage lays the points out."""
+    xy = region.grid(1)[0].reshape(region.samples[1] + 2, region.samples[0] + 2, 2)
+    return np.array([xy[1, 0] - xy[0, 0], xy[0, 1] - xy[0, 0]], float)
+
+
+def psf_padding_limits(grid_steps, padding: int, psf0, refined: bool) -> tuple[float, float]:
+    """(R_max, R_search) [tilt steps]: the largest PSF truncation radius R = 4 sigma + 8 gamma
+    (:func:`voigt_radius`) that ``padding`` grid steps hold on every grid of ``grid_steps`` (each [a, b],
+    display px; :func:`voigt_max_radius`), and the radius the inner search of psf_sigma/psf_gamma keeps
+    to: R_max less the Jacobian's difference steps (4 + 8) x :data:`PSF_FD_STEP` when the PSF is
+    ``refined``, so that they stay held too.  The start ``psf0`` = (sigma, gamma) must fit: otherwise
+    QcbedInputError naming roi.padding with the padding it needs."""
+    steps = [np.asarray(a, float) for a in grid_steps]
+
+    def held(pad: int) -> float:
+        return min(voigt_max_radius(a, pad) for a in steps)
+
+    P = int(padding)
+    rmax = held(P)
+    margin = (PSF_RADIUS_SIGMA + PSF_RADIUS_GAMMA) * PSF_FD_STEP if refined else 0.0
+    s0, g0 = max(float(psf0[0]), 1e-3), max(float(psf0[1]), 0.0)
+    need = voigt_radius(s0, g0) + margin
+    if need > rmax:
+        pad = P + 1
+        while held(pad) < need:
+            pad += 1
+        room = f" (+{margin:.2g} for the difference steps of its refinement)" if margin else ""
+        raise QcbedInputError(
+            "roi.padding", f"the start PSF (psf_sigma {s0:.4g}, psf_gamma {g0:.4g} tilt steps) reaches "
+            f"4 sigma + 8 gamma = {voigt_radius(s0, g0):.3g} tilt steps{room}, beyond the {rmax:.3g} that "
+            f"roi.padding = {P} supports",
+            f"set roi.padding to at least {pad}, or start from a narrower PSF; the search of psf_sigma and "
+            f"psf_gamma is kept within what roi.padding supports")
+    return rmax, rmax - margin
+
+
 @dataclass
 class FineProblem:
     """Everything the objective needs, fixed for the whole refinement."""
@@ -299,21 +348,25 @@ class FineProblem:
         self.included = roi.included.values[:, self.inner_mask]
         self.padding = int(roi.attrs.get("padding", 0))
         self.use_psf = kind == "larbed" and ("psf" in self.refine_geometry or self.psf0[0] > 0 or self.psf0[1] > 0)
-        if self.use_psf and self.padding < 1:
-            raise QcbedInputError("roi.padding", "a PSF needs padding (grid steps around each region)",
-                                  "set roi.padding to about 4 sigma of the PSF")
         regions = roi.region.values
         self.grids = []
         for r in np.unique(regions):
             sel = np.nonzero(regions == r)[0]
             ni = roi.i.values[sel].max() - roi.i.values[sel].min() + 1
             nj = roi.j.values[sel].max() - roi.j.values[sel].min() + 1
-            # grid step in display px (= tilt steps for LARBED): the PSF kernel is sampled at it
+            # the grid's two edge step vectors in display px (= tilt steps for LARBED): the PSF kernel
+            # weights each grid offset i a + j b by the profile at its true length |i a + j b|
             xy = np.stack([roi.x.values[sel], roi.y.values[sel]], 1).reshape(int(ni), int(nj), 2)
-            step = float(np.linalg.norm(xy[0, 1] - xy[0, 0])) if nj > 1 else 1.0
-            if self.use_psf and ni > 1 and abs(np.linalg.norm(xy[1, 0] - xy[0, 0]) - step) > 1e-6 * step:
-                raise QcbedInputError(f"roi.regions[{int(r)}]", "a PSF needs a square sampling grid (equal steps along both edges)")
-            self.grids.append((sel, int(ni), int(nj), step))
+            steps = np.array([xy[1, 0] - xy[0, 0] if ni > 1 else [0.0, 1.0],
+                              xy[0, 1] - xy[0, 0] if nj > 1 else [1.0, 0.0]], float)
+            if self.use_psf and abs(np.linalg.det(steps)) <= 1e-9 * float(np.sum(steps * steps)):
+                raise QcbedInputError(f"roi.regions[{int(r)}]", "a PSF needs a region with area: its edges p1->p2 and "
+                                      "p1->p3 are parallel", "give three corners that are not on one line")
+            self.grids.append((sel, int(ni), int(nj), steps))
+        # the PSF's truncation radius that the padding supports, and the inner search's limit [tilt steps]
+        self.psf_radius_max = self.psf_search_radius = np.inf
+        if self.use_psf:
+            self.psf_radius_max = self._psf_setup()
         pat = self.pattern
         lut = None
         if kind == "larbed":
@@ -601,7 +654,7 @@ class FineProblem:
         t0 = time.perf_counter()
         steps = np.array([self._step(n) for n in names])
         lower, upper = self._bounds(self.geometry_start(), names, steps)
-        x0 = np.clip(np.array([g[n] for n in names]) / steps, lower, upper)
+        x0 = np.clip(np.array([self.clip_psf(g)[n] for n in names]) / steps, lower, upper)
 
         def f(x):
             # the box is enforced by a penalty, not by Powell's bounds: with bounds, scipy searches each
@@ -610,7 +663,11 @@ class FineProblem:
             out = np.maximum(lower - x, 0) + np.maximum(x - upper, 0)
             if np.any(out > 0):
                 return 1e30 * (1 + float(out.sum()))
-            return self._safe_reduced(sol, {**g, **dict(zip(names, x * steps))}, nf)
+            gx = {**g, **dict(zip(names, x * steps))}
+            over = self.psf_excess(gx)  # the PSF widths jointly within what the padding supports
+            if over > 0:
+                return 1e30 * (1 + over)
+            return self._safe_reduced(sol, gx, nf)
 
         res = minimize(f, x0, method="Powell", options={"xtol": 1e-3, "ftol": 1e-9, "maxfev": self.inner_maxiter})
         g2 = {**g, **dict(zip(names, res.x * steps))}
@@ -640,17 +697,53 @@ class FineProblem:
                 best, best_t = v, float(t)
         return best_t
 
+    def _psf_setup(self) -> float:
+        """:func:`psf_padding_limits` on this ROI's grids: sets ``psf_search_radius`` and returns the
+        largest truncation radius the padding supports."""
+        rmax, self.psf_search_radius = psf_padding_limits([steps for *_, steps in self.grids], self.padding,
+                                                          self.psf0, "psf" in self.refine_geometry)
+        return rmax
+
+    def psf_excess(self, g: dict) -> float:
+        """How far the PSF of geometry g reaches beyond the inner search's limit ``psf_search_radius``
+        [tilt steps] (0 inside, and when the PSF is not refined)."""
+        if "psf" not in self.refine_geometry:
+            return 0.0
+        r = voigt_radius(max(g["psf_sigma"], 1e-3), max(g["psf_gamma"], 0.0))
+        return max(0.0, r - self.psf_search_radius)
+
+    def clip_psf(self, g: dict) -> dict:
+        """g with its PSF widths scaled down together, where needed, to the inner search's limit
+        4 sigma + 8 gamma <= ``psf_search_radius`` (the padding's support)."""
+        if self.psf_excess(g) <= 0:
+            return g
+        s, gm = max(g["psf_sigma"], 1e-3), max(g["psf_gamma"], 0.0)
+        t = self.psf_search_radius / voigt_radius(s, gm)
+        return {**g, "psf_sigma": s * t, "psf_gamma": gm * t}
+
     def _psf(self, inten: np.ndarray, g: dict) -> np.ndarray:
-        R = self.padding
+        """The Voigt PSF (:func:`voigt_kernel`, on each region's own grid steps) applied to intensities
+        (nd, n_roi) on the padded grid: (nd, n_inner).  The kernel depends on sigma and gamma only; the
+        padding must hold it (QcbedInputError naming roi.padding otherwise)."""
+        P = self.padding
+        s, gm = max(g["psf_sigma"], 1e-3), max(g["psf_gamma"], 0.0)
+        nd = len(self.disks)
         parts = []
-        for sel, ni, nj, step in self.grids:
-            k = voigt_kernel(max(g["psf_sigma"], 1e-3) / step, max(g["psf_gamma"], 0.0) / step, radius_px=R)
-            grid = inten[:, sel].reshape(len(self.disks), ni, nj)
-            parts.append(convolve_valid(grid, k).reshape(len(self.disks), -1))
+        for sel, ni, nj, steps in self.grids:
+            k = voigt_kernel(s, gm, steps)
+            kp, kq = k.shape[0] // 2, k.shape[1] // 2
+            if max(kp, kq) > P:
+                raise QcbedInputError("roi.padding", f"the PSF (psf_sigma {s:.4g}, psf_gamma {gm:.4g} tilt steps) "
+                                      f"needs {max(kp, kq)} grid steps of padding, roi.padding is {P}",
+                                      f"set roi.padding to at least {max(kp, kq)}")
+            grid = inten[:, sel].reshape(nd, ni, nj)[:, P - kp:ni - (P - kp), P - kq:nj - (P - kq)]
+            parts.append(convolve_valid(grid, k).reshape(nd, -1))
         return np.concatenate(parts, axis=1)
 
     #: Inner search box around the recorded start: thickness ±30%, gl ±10%, rotation ±5°, shifts
-    #: ±15 px, PSF sigma in [0.05, 8], gamma in [0, 3] tilt steps.
+    #: ±15 px, PSF sigma in [0.05, 8], gamma in [0, 3] tilt steps, each cut to what roi.padding supports
+    #: (4 sigma + 8 gamma <= ``psf_search_radius``: sigma <= R/4, gamma <= (R - 0.2)/8; the inner search
+    #: also keeps the two jointly inside, :meth:`psf_excess`).
     def _bounds(self, g0: dict, names, steps):
         lo, hi = [], []
         for n in names:
@@ -662,9 +755,9 @@ class FineProblem:
             elif n == "rotation":
                 a, b = self.pg0.rotation_deg - 5.0, self.pg0.rotation_deg + 5.0
             elif n == "psf_sigma":
-                a, b = 0.05, 8.0
+                a, b = 0.05, min(8.0, self.psf_search_radius / PSF_RADIUS_SIGMA)
             elif n == "psf_gamma":
-                a, b = 0.0, 3.0
+                a, b = 0.0, min(3.0, (self.psf_search_radius - PSF_RADIUS_SIGMA * 0.05) / PSF_RADIUS_GAMMA)
             else:
                 a, b = v - 15.0, v + 15.0
             lo.append(min(a, v))
@@ -890,7 +983,7 @@ def geometry_fd_step(problem: FineProblem, g: dict, name: str) -> float:
     if name == "thickness":
         return 0.5
     if name.startswith("psf"):
-        return 0.02
+        return PSF_FD_STEP
     h = problem._step(name)  # trial step; the displacement is linear in it to first order
     pg_a, pg_b = problem._pg(g), problem._pg({**g, name: g[name] + h})
     xy_a, xy_b = pg_a.tilt_to_display(problem.kt_inner), pg_b.tilt_to_display(problem.kt_inner)
@@ -1152,7 +1245,8 @@ _GN_FLOOR = {"psf_sigma": 0.05, "psf_gamma": 0.0, "thickness": 1.0}
 
 def _stepped(problem: FineProblem, values_sf, g: dict, d: np.ndarray):
     """values_sf and geometry g moved by the step d (structure factors first), structure factors
-    clipped to their ranges and the geometry to :data:`_GN_FLOOR`."""
+    clipped to their ranges, the geometry to :data:`_GN_FLOOR` and the PSF to what the padding supports
+    (:meth:`FineProblem.clip_psf`)."""
     n = len(problem.sf)
     lo = np.array([p.lo for p in problem.sf], float)
     hi = np.array([p.hi for p in problem.sf], float)
@@ -1160,7 +1254,7 @@ def _stepped(problem: FineProblem, values_sf, g: dict, d: np.ndarray):
     g2 = dict(g)
     for j, name in enumerate(problem.geometry_names):
         g2[name] = max(g[name] + float(d[n + j]), _GN_FLOOR.get(name, -np.inf))
-    return v, g2
+    return v, problem.clip_psf(g2)
 
 
 def _free_of_bounds(problem: FineProblem, values_sf, step: np.ndarray) -> np.ndarray:

@@ -742,7 +742,7 @@ def run_fine(plan: Plan, say=_say) -> dict:
     key = plan.trace_key or plan.keys["fine"]
     problem = fine_problem(plan)
     r = cfg.section("refine")
-    if r.get("optimizer", DEFAULT_OPTIMIZER) == "levenberg-marquardt":
+    if fine_optimizer(r, problem.gof) == "levenberg-marquardt":
         return _run_fine_lm(plan, problem, key, say)
     trace = TraceStore(plan.run_dir / TRACE)
     names = [p.label for p in problem.sf]
@@ -794,6 +794,25 @@ def run_fine(plan: Plan, say=_say) -> dict:
 
 #: refine.optimizer when the config does not name one (README: the evidence for the choice)
 DEFAULT_OPTIMIZER = "levenberg-marquardt"
+
+
+def fine_optimizer(r: dict, gof) -> str:
+    """The fine stage's optimizer: refine.optimizer, default :data:`DEFAULT_OPTIMIZER`; Nelder-Mead for a
+    metric without residuals (a value-only metric in the seed's ``__call__(sim, exp)`` form,
+    ``residuals_defined`` False), where Levenberg-Marquardt and Gauss-Newton steps have nothing to fit:
+    naming them is an error rather than a run that never moves."""
+    opt = r.get("optimizer")
+    if getattr(gof, "residuals_defined", True):
+        return opt or DEFAULT_OPTIMIZER
+    what = f"the metric {type(gof).__name__} gives only a value (the seed's __call__(sim, exp) form), no residuals"
+    if opt == "levenberg-marquardt":
+        raise QcbedInputError("refine.optimizer", f"Levenberg-Marquardt needs residuals; {what}",
+                              'use optimizer = "nelder-mead" (the default for such a metric), or give the metric a fit() '
+                              "that returns residuals (stages.physics.gof.weighted_fit)")
+    if int(r.get("gauss_newton_steps", 0) or 0) > 0:
+        raise QcbedInputError("refine.gauss_newton_steps", f"Gauss-Newton steps need residuals; {what}",
+                              "set gauss_newton_steps = 0")
+    return "nelder-mead"
 
 
 def _run_fine_lm(plan: Plan, problem, key: str, say=_say) -> dict:

@@ -5,9 +5,11 @@ Every refinement acceptance test needs data whose answer is known.  :func:`make_
 (pattern_geometry.py) and the Bloch-wave intensity of its reflection at the true thickness
 (tiles of tilts with their own beam sets), then apply, in this order:
 
-1. the point spread: LARBED, a 2-D Voigt kernel in tilt-grid pixels, convolved over a grid padded
-   by the kernel radius (exact at the edges, never wrapped); CBED, a Gaussian detector PSF (whose
-   Fourier transform is the MTF) applied to the whole image with zero padding;
+1. the point spread: LARBED, the fit's 2-D Voigt kernel (:func:`~stages.physics.sampling.voigt_kernel`:
+   sigma, gamma in display px = tilt steps, cut at 4 sigma + 8 gamma, on the pixel grid's steps in
+   display space), convolved over a grid padded by the kernel's reach (exact at the edges, never
+   wrapped); CBED, a Gaussian detector PSF (whose Fourier transform is the MTF) applied to the
+   whole image with zero padding;
 2. scale (counts per unit intensity) and background (one value, or one per disk);
 3. noise: none, Poisson, or the detector model (Gaussian with σ² = m g (A I + δ I² + σ_B²));
 4. saturation (clipping).
@@ -36,8 +38,8 @@ class Effects:
 
     scale: float = 1.0e4  # counts per unit of intensity (fraction of the incident current)
     background: float | list[float] = 0.0  # counts; one value or one per disk
-    psf_sigma_px: float = 0.0  # Gaussian (CBED detector PSF) or Voigt sigma (LARBED), px
-    psf_gamma_px: float = 0.0  # Voigt gamma (LARBED), px
+    psf_sigma_px: float = 0.0  # Gaussian (CBED detector PSF, px) or Voigt sigma (LARBED, display px = tilt steps)
+    psf_gamma_px: float = 0.0  # Voigt gamma (LARBED, display px = tilt steps)
     noise: str = "none"  # none | poisson | detector
     detector: dict | None = None  # gain, mixing, A, delta, background_variance (noise = detector)
     saturation: float | None = None
@@ -90,12 +92,16 @@ def make_larbed(model: ForwardModel, pg: PatternGeometry, shape, disks, thicknes
     """LARBED stack (nd, H, W): returns (counts, ideal intensity, true variance, truth)."""
     disks = np.atleast_2d(np.asarray(disks, int))
     H, W = (int(x) for x in shape)
-    R = 0
+    R = Q = 0
     kernel = None
     if eff.psf_sigma_px > 0 or eff.psf_gamma_px > 0:
-        kernel = voigt_kernel(eff.psf_sigma_px, eff.psf_gamma_px)
-        R = kernel.shape[0] // 2
-    r, c = np.meshgrid(np.arange(-R, H + R), np.arange(-R, W + R), indexing="ij")
+        # the fit's PSF (stages.fine.FineProblem._psf): the kernel in display px (= tilt steps), on the
+        # pixel grid's own steps in display space (a row step and a column step; orthonormal unless the
+        # detector's pixels are not square, scale_y != 1)
+        o = pg.pixel_to_display([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+        kernel = voigt_kernel(eff.psf_sigma_px, eff.psf_gamma_px, steps=o[1:] - o[0])
+        R, Q = kernel.shape[0] // 2, kernel.shape[1] // 2
+    r, c = np.meshgrid(np.arange(-R, H + R), np.arange(-Q, W + Q), indexing="ij")
     rc = np.stack([r.ravel(), c.ravel()], 1).astype(float)
     same_tilts = not pg.disk_shift_px
     if same_tilts:
@@ -107,8 +113,8 @@ def make_larbed(model: ForwardModel, pg: PatternGeometry, shape, disks, thicknes
         for d, h in enumerate(disks):
             kt = pg.pixel_to_tilt(rc, h)
             full[d] = model.solve_tiled(kt, [h], tile_invA).intensities([thickness_A])[:, 0, 0]
-    full = full.reshape(len(disks), H + 2 * R, W + 2 * R)
-    ideal = full[:, R:R + H, R:R + W].copy()
+    full = full.reshape(len(disks), H + 2 * R, W + 2 * Q)
+    ideal = full[:, R:R + H, Q:Q + W].copy()
     blurred = convolve_valid(full, kernel) if kernel is not None else ideal
     bg = _background_per_disk(eff.background, len(disks))
     counts = eff.scale * blurred + bg[:, None, None]

@@ -402,3 +402,19 @@ def test_coarse_refine_problems_are_reported_together(run_dir):
     err = _errors(_physics(run_dir, 'refine = ["voltage", "B"]\nhv_range_kV = [100.0, 150.0]\nB_sites = ["X"]\n'
                                     "cell_range_percent = -1.0"))
     assert sorted(err.fields) == ["coarse.B_sites", "coarse.cell_range_percent", "coarse.hv_range_kV"]
+
+def test_larbed_psf_start_must_fit_the_padding(tmp_path):
+    """A PSF start wider than roi.padding holds is found by validation, before any stage runs, with the
+    padding it needs; a skewed region's grid is measured by its own step vectors."""
+    text = (DATA / "si_larbed" / "config.toml").read_text().replace('file = "../si.cif"', f'file = "{DATA / "si.cif"}"')
+    for name in ("si_larbed.npy", "si_larbed_variance.npy"):
+        (tmp_path / name).symlink_to(DATA / "si_larbed" / name)
+    path = _write(tmp_path, text.replace("padding = 9", "padding = 5"))
+    (err,) = _errors(path).errors
+    assert err.field == "roi.padding" and "at least 6" in err.fix  # 4 x 1.5 + 8 x 0.05 + 0.24 = 6.64 > 6
+    assert validate_config(_write(tmp_path, text.replace("psf_sigma = 1.5", "psf_sigma = 1.0").replace(
+        "padding = 9", "padding = 5")))
+    # the same region with its p1 -> p3 edge at 60 degrees: grid steps 1 and 0.5 x (1, sqrt 3)
+    skew = text.replace("[-10.0, 10.0]], samples", "[0.0, 7.3205]], samples")
+    (err,) = _errors(_write(tmp_path, skew.replace("padding = 9", "padding = 6"))).errors
+    assert err.field == "roi.padding" and "at least 7," in err.fix  # 6.93 >= 6.64 > 6.08 (padding 6)

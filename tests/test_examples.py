@@ -60,7 +60,9 @@ def test_larbed_example_agrees_with_truth():
     kt = roi.kt.values
     sim = simulate(model, [truth["thickness_A"]], kt=kt, out_hkl=np.stack([roi.h, roi.k, roi.l], 1)).intensity.values[:, 0, :].T
     eff = truth["effects"]
-    blurred = convolve_valid(sim.reshape(5, n, n), voigt_kernel(eff["psf_sigma_px"], eff["psf_gamma_px"], radius_px=9))
+    kernel = voigt_kernel(eff["psf_sigma_px"], eff["psf_gamma_px"])  # display px = tilt steps = ROI steps here
+    c = 9 - kernel.shape[0] // 2  # the padding beyond the kernel's reach
+    blurred = convolve_valid(sim.reshape(5, n, n)[:, c:n - c, c:n - c], kernel)
     inner = roi.inner.values
     model_counts = eff["scale"] * blurred.reshape(5, -1) + eff["background"]
     resid = (roi.intensity.values[:, inner] - model_counts) / np.sqrt(roi.variance.values[:, inner])

@@ -9,6 +9,7 @@ import xarray as xr
 from stages.physics.sampling import cubic_sample
 from stages import config as C
 from stages.fine import FineProblem, refine, sf_params_from_config
+from stages.errors import QcbedInputError
 from stages.load import load_pattern
 from stages.physics.beams import Selection
 from stages.physics.gof import make_gof
@@ -274,3 +275,107 @@ def test_xcorrelation_reports_undefined_uncertainties(si):
     res = refine(prob, max_iterations=2)
     assert np.all(np.isnan(res.sigma)) and not res.sigma_info["defined"]
     assert "not a chi^2" in res.sigma_info["method"]
+
+
+# ----------------------------------------------------------------------------- the LARBED PSF
+PSF_TRUE = (1.0, 0.2)  # Voigt sigma, gamma [tilt steps]: the kernel reaches 4 sigma + 8 gamma = 5.6 steps
+SQUARE = Region(((-6, -6), (6, -6), (-6, 6)), (13, 13))
+# a 60-degree grid: steps (1, 0) along p1->p2 and (0.5, 0.866) along p1->p3
+SKEWED = Region(((-6.0, -5.0), (2.0, -5.0), (-2.0, -5.0 + 8 * np.sqrt(3) / 2)), (9, 9))
+
+
+@pytest.fixture(scope="module")
+def psf_pattern(si):
+    """20 x 20 LARBED pattern blurred by the Voigt PSF_TRUE (the fit's kernel), Poisson noise (seed 7)."""
+    truth = ForwardModel(si, 200.0, (1, 1, 0), x_axis=G1, absorption="proportional", absorption_fraction=0.02,
+                         selection=SMALL, tile_invA=0.5)
+    pg = PatternGeometry(truth.geometry, "larbed", gl_px=40.0, rotation_deg=-10.0, centre_px=(9.5, 9.5),
+                         tilt0=tuple(truth.geometry.kt_from_xy(-0.16, 4.0)))
+    eff = Effects(scale=1e4, background=30.0, noise="poisson", seed=7, psf_sigma_px=PSF_TRUE[0], psf_gamma_px=PSF_TRUE[1])
+    counts, _, var, _ = make_larbed(truth, pg, (20, 20), DISKS, 900.0, eff)
+    d = np.asarray(DISKS)
+    pattern = xr.Dataset({"intensity": (("disk", "y", "x"), counts), "valid": (("disk", "y", "x"), np.isfinite(counts)),
+                          "variance": (("disk", "y", "x"), np.maximum(var, 1.0))},
+                         coords={"h": ("disk", d[:, 0]), "k": ("disk", d[:, 1]), "l": ("disk", d[:, 2])},
+                         attrs={"kind": "larbed"})
+    return pattern, pg
+
+
+def _psf_problem(si, psf_pattern, padding, region=SQUARE, psf0=(0.7, 0.1)):
+    pattern, pg = psf_pattern
+    model = ForwardModel(si, 200.0, (1, 1, 0), x_axis=G1, absorption="proportional", absorption_fraction=0.02,
+                         selection=SMALL, tile_invA=0.5)
+    roi = build_roi(pattern, pg, [region], DISKS, padding=padding)
+    sf = sf_params_from_config(model, [{"hkl": list(G1), "refine": ["U"], "range_percent": 5}])
+    return FineProblem(model=model, pg0=pg, pattern=pattern, roi=roi, gof=make_gof("Chi2_LARBED"), sf=sf,
+                       thickness0=900.0 * 1.02, refine_geometry=("thickness", "shift", "psf"), psf0=psf0)
+
+
+def _smooth_field(prob):
+    """A smooth intensity-like field of the display position, one per disk, on the padded ROI points."""
+    x, y = prob.roi.x.values, prob.roi.y.values
+    return np.stack([2.0 + np.sin(0.37 * x + 0.11 * d) * np.cos(0.23 * y - 0.3 * d) + 0.01 * x * y for d in range(len(DISKS))])
+
+
+def test_psf_on_a_skewed_roi_weights_display_distances(si, psf_pattern):
+    """On a 60-degree ROI grid every inner sample is the profile-weighted mean of the padded samples
+    closer than R = 4 sigma + 8 gamma (tapered over the outer tenth), weighted at their display-space
+    distances (a direct evaluation over the points, no grid indices), as on a square grid."""
+    from stages.physics.sampling import voigt_profile, voigt_radius
+
+    s, gm = PSF_TRUE
+    R = voigt_radius(s, gm)
+    for region in (SKEWED, SQUARE):
+        prob = _psf_problem(si, psf_pattern, 7, region=region)
+        f = _smooth_field(prob)
+        got = prob._psf(f, {"psf_sigma": s, "psf_gamma": gm})
+        xy = np.stack([prob.roi.x.values, prob.roi.y.values], 1)
+        want = np.empty_like(got)
+        for n, k in enumerate(np.nonzero(prob.inner_mask)[0]):
+            dist = np.linalg.norm(xy - xy[k], axis=1)
+            taper = 0.5 * (1 + np.cos(np.pi * np.clip((dist - 0.9 * R) / (0.1 * R), 0, 1)))
+            w = np.where(dist < R, voigt_profile(dist, s, gm) * taper, 0.0)
+            want[:, n] = f @ w / w.sum()
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+    # the two lengths a square grid would confuse: offsets (1, 1) and (1, -1) are 1.73 and 1.00 steps apart
+    a, b = _psf_problem(si, psf_pattern, 7, region=SKEWED).grids[0][3]
+    assert np.linalg.norm(a + b) == pytest.approx(np.sqrt(3)) and np.linalg.norm(a - b) == pytest.approx(1.0)
+
+
+def test_psf_kernel_and_fit_do_not_depend_on_the_padding(si, psf_pattern):
+    """The same PSF at paddings 6 and 9 (both hold the kernel, R = 5.6 steps): the same convolved
+    samples, and the inner geometry search at the true structure factor finds the same sigma and gamma.
+    The simulated samples and the kernel are the same at both paddings, so the search sees the same
+    objective: equal to 1e-9 (round-off only; measured: identical).  Before the kernel was cut at the
+    padding, these two fits gave sigma 1.003 / 1.250 and gamma 0.194 / 0.086."""
+    fits = []
+    for padding in (6, 9):
+        prob = _psf_problem(si, psf_pattern, padding)
+        fits.append((prob._psf(_smooth_field(prob), {"psf_sigma": 1.3, "psf_gamma": 0.15}),
+                     prob.inner(prob.solve([prob.sf[0].x0]))[1]))
+    np.testing.assert_allclose(fits[0][0], fits[1][0], rtol=1e-12)
+    (_, g6), (_, g9) = fits
+    for name in ("psf_sigma", "psf_gamma", "thickness"):
+        assert g6[name] == pytest.approx(g9[name], rel=1e-9, abs=1e-12), name
+    # near the truth (1.0, 0.2): measured 1.123, 0.151 with this noise; 1.033, 0.188 noise-free (what is
+    # left is the cubic interpolation of the rotated samples); sigma and gamma trade off in the core
+    assert abs(g6["psf_sigma"] - PSF_TRUE[0]) < 0.2 and abs(g6["psf_gamma"] - PSF_TRUE[1]) < 0.1
+
+
+def test_psf_padding_too_small_is_refused_and_bounds_the_search(si, psf_pattern):
+    """The start PSF must fit the padding (an error naming roi.padding with the padding needed), and the
+    search box of sigma and gamma is what the padding holds."""
+    with pytest.raises(QcbedInputError, match=r"at least 5,") as e:
+        _psf_problem(si, psf_pattern, 3, psf0=PSF_TRUE)  # 5.6 + 0.24 steps for the difference steps
+    assert e.value.field == "roi.padding" and "roi.padding = 3" in e.value.problem
+    with pytest.raises(QcbedInputError, match="roi.padding"):
+        _psf_problem(si, psf_pattern, 0)
+    prob = _psf_problem(si, psf_pattern, 6, psf0=PSF_TRUE)
+    assert prob.psf_radius_max == 7.0 and prob.psf_search_radius == pytest.approx(6.76)
+    lo, hi = prob._bounds(prob.geometry_start(), ["psf_sigma", "psf_gamma"], [1.0, 1.0])
+    np.testing.assert_allclose(hi, [6.76 / 4, (6.76 - 0.2) / 8])
+    assert prob.psf_excess({"psf_sigma": 1.6, "psf_gamma": 0.1}) == pytest.approx(0.44)  # 4 x 1.6 + 8 x 0.1 - 6.76
+    clipped = prob.clip_psf({"psf_sigma": 1.6, "psf_gamma": 0.1})
+    assert 4 * clipped["psf_sigma"] + 8 * clipped["psf_gamma"] == pytest.approx(6.76)
+    with pytest.raises(QcbedInputError, match="roi.padding"):
+        prob._psf(np.zeros((len(DISKS), prob.roi.sizes["point"])), {"psf_sigma": 2.0, "psf_gamma": 0.0})

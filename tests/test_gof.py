@@ -264,6 +264,73 @@ def test_user_metric_from_file(tmp_path):
         assert e.value.field == "refine.gof" and e.value.fix
 
 
+SEED_METRIC = '''
+import numpy as np
+from stages.physics.gof import BaseGOF
+
+
+class OneMinusR(BaseGOF):
+    """A custom metric as the seed specifies it: __call__ takes the simulated and the experimental
+    intensities and returns the GOF value (1 - Pearson r: its own normalisation)."""
+    name = "one_minus_r"
+
+    def __call__(self, sim, exp):
+        return 1.0 - np.corrcoef(sim, exp)[0, 1]
+
+
+class Neither(BaseGOF):
+    pass
+
+
+class NotANumber(BaseGOF):
+    def __call__(self, sim, exp):
+        return "small"
+'''
+
+
+def test_seed_style_metric_with_only_call(tmp_path):
+    """A BaseGOF subclass with only __call__(sim, exp), named in the config, works: its fit value is the
+    metric on the used points (mask and non-finite points honoured), scale/background the unweighted
+    least squares (report only), no residuals, reduced = value, and its uncertainties marked undefined."""
+    (tmp_path / "seed_metric.py").write_text(SEED_METRIC)
+    metric = make_gof("seed_metric.py:OneMinusR", base_dir=tmp_path)
+    assert isinstance(metric, BaseGOF) and metric.value_only
+    assert metric.sigma_defined is False and "__call__" in metric.sigma_undefined_reason
+    assert metric.residuals_defined is False
+    sim, exp, _, mask = _random_data(np.random.default_rng(71))
+    used = mask & np.isfinite(sim) & np.isfinite(exp)
+    fit = metric.fit(sim, exp, mask=mask)
+    assert fit.value == pytest.approx(1.0 - np.corrcoef(sim[used], exp[used])[0, 1], rel=1e-12)
+    assert fit.n_points == int(used.sum()) and fit.n_linear == 0
+    xc = XCorrelation().fit(sim, exp, mask=mask)  # the same 1 - r, and its unweighted least-squares c, b
+    assert fit.value == pytest.approx(xc.value, rel=1e-9)
+    assert fit.scale == pytest.approx(xc.scale, rel=1e-12) and fit.background == pytest.approx(xc.background, rel=1e-12)
+    np.testing.assert_array_equal(np.isfinite(fit.model), used)
+    assert not fit.residual.any()
+    assert metric.reduced(fit, 3) == fit.value
+    # the mask is honoured: garbage at masked points changes nothing
+    bad = exp.copy()
+    bad[~mask] = 1e9
+    assert metric.fit(sim, bad, mask=mask).value == fit.value
+    assert metric.fit(sim, bad).value != fit.value
+    # built-in metrics keep their residuals, the chi^2 ones their standard errors (XCorrelation: 1 - r has no noise
+    # scale, its errors are undefined too)
+    for name in METRICS:
+        m = make_gof(name, detector=YAG)
+        assert m.residuals_defined and not m.value_only
+        if name == "XCorrelation":
+            assert not m.sigma_defined and "not a chi^2" in m.sigma_undefined_reason
+        else:
+            assert m.sigma_defined and m.sigma_undefined_reason == ""
+
+    with pytest.raises(QcbedInputError, match="implements neither fit") as e:
+        make_gof("seed_metric.py:Neither", base_dir=tmp_path)
+    assert e.value.field == "refine.gof" and "__call__(sim, exp)" in e.value.fix
+    with pytest.raises(QcbedInputError, match="must return one number") as e:
+        make_gof("seed_metric.py:NotANumber", base_dir=tmp_path).fit(sim, exp)
+    assert e.value.field == "refine.gof"
+
+
 def test_builtin_names_and_detector():
     assert set(METRICS) == {"XCorrelation", "Chi2", "Chi2_const", "Chi2_multibackground",
                             "Chi2_LARBED", "Chi2_LARBED_multibackground", "Chi2_LARBED_perdisk"}

@@ -18,6 +18,8 @@ import zarr
 from flows.cli import main
 from stages import config as C
 from stages import pipeline as P
+from stages.errors import QcbedInputError
+from stages.physics.gof import make_gof
 from stages.synthetic import write_small_larbed_run
 
 from .conftest import ROOT
@@ -455,3 +457,36 @@ def test_coarse_voltage_is_refined_recorded_and_used(tmp_path):
     cfg.write_text(cfg.read_text().replace("hv_range_kV = [198.5, 202.5]", "hv_range_kV = [198.0, 202.5]"))
     plan2 = _plan(cfg, tmp_path)
     assert {s for s in plan.stages if plan.keys[s] != plan2.keys[s]} == {"coarse", "iam", "fine", "report"}
+
+SEED_METRIC = '''
+import numpy as np
+from stages.physics.gof import BaseGOF
+
+
+class OneMinusR(BaseGOF):
+    """The seed's custom-metric interface: __call__(sim, exp) -> value."""
+
+    def __call__(self, sim, exp):
+        return 1.0 - np.corrcoef(sim, exp)[0, 1]
+'''
+
+
+def test_seed_style_user_metric_refines(tmp_path):
+    """refine.gof naming a BaseGOF subclass with only __call__ runs the whole pipeline: Nelder-Mead
+    (chosen for a value-only metric; Levenberg-Marquardt, named explicitly, is refused) lowers its value."""
+    cfg = write_small_larbed_run(tmp_path / "data", "seedgof", seed=4, size=16, roi_half=4, max_iterations=3)
+    (cfg.parent / "seed_metric.py").write_text(SEED_METRIC)
+    text = cfg.read_text().replace('gof = "Chi2_LARBED"', 'gof = "seed_metric.py:OneMinusR"')
+    cfg.write_text(text.replace('optimizer = "nelder-mead"\n', ""))
+    plan = _plan(cfg, tmp_path / "results")
+    assert set(P.run_all(plan, say=_quiet).values()) == {"done"}
+    fine = xr.open_zarr(plan.store("fine"), consolidated=False)
+    assert json.loads(fine.attrs["counters"]).get("optimizer", "nelder-mead") == "nelder-mead"
+    assert fine.attrs["gof"] <= fine.attrs["gof_start"] and 0 < fine.attrs["gof"] < 1
+    metric = make_gof("seed_metric.py:OneMinusR", base_dir=cfg.parent)
+    with pytest.raises(QcbedInputError, match="Levenberg-Marquardt needs residuals") as e:
+        P.fine_optimizer({"optimizer": "levenberg-marquardt"}, metric)
+    assert e.value.field == "refine.optimizer"
+    with pytest.raises(QcbedInputError, match="refine.gauss_newton_steps"):
+        P.fine_optimizer({"gauss_newton_steps": 2}, metric)
+    assert P.fine_optimizer({}, make_gof("Chi2_LARBED")) == P.DEFAULT_OPTIMIZER

@@ -69,6 +69,20 @@ User metrics: :func:`make_gof` loads "module.path:ClassName" or "path/to/file.py
 a subclass of :class:`BaseGOF` built with no arguments.  The simplest way to write one is to
 subclass :class:`Chi2` and override :meth:`Chi2.sigma2`, or to subclass :class:`BaseGOF` and
 return :func:`weighted_fit` from ``fit``.
+
+The seed's form (value-only metrics): a subclass of :class:`BaseGOF` that implements only
+``__call__(sim, exp)`` returning the figure of merit (lower is better).  ``BaseGOF.fit`` calls it on
+the used points (1-D arrays ``sim[used]``, ``exp[used]``: mask and non-finite points honoured;
+``variance`` is not passed) and returns its value.  The seed hands such a metric the raw simulated
+and experimental intensities and asks only for the value, so the metric handles its own
+normalisation: qcbed solves nothing that enters the value (``n_linear`` 0); ``Fit.scale`` and
+``Fit.background`` are the unweighted least-squares c, b over the used points, for the report's model
+curves only.  There are no residuals (``Fit.residual`` 0, ``residuals_defined`` False: the
+refinement uses Nelder-Mead, whose objective is the value alone, and refuses Levenberg-Marquardt and
+Gauss-Newton steps), ``reduced`` returns the value unchanged (it is not a chi^2, as for
+XCorrelation), and the metric's ``sigma_defined`` is False with the reason in
+``sigma_undefined_reason``: standard errors are undefined for it.  A subclass with neither ``fit``
+nor ``__call__`` is refused by :func:`make_gof` with an error naming ``refine.gof``.
 """
 
 from __future__ import annotations
@@ -103,7 +117,8 @@ class Fit:
         metrics; NaN for a disk without used points under per-disk backgrounds).
     model: c sim + b, shape (n_disks, n_points), NaN where not used.
     residual: (c sim + b - exp)/sigma on used points, 0 elsewhere (for XCorrelation the
-        standardised difference, see the module docstring); sum(residual**2) == value.
+        standardised difference, see the module docstring); sum(residual**2) == value (0 for a
+        value-only metric: ``BaseGOF.residuals_defined`` False).
     n_points: number of used (disk, point) samples.
     n_linear: number of closed-form parameters solved (scale + backgrounds).
     """
@@ -262,21 +277,77 @@ def _per_disk_fit(sim, x, t, w, used, fit_background: bool) -> Fit:
 
 # ----------------------------------------------------------------------------- metrics
 class BaseGOF(abc.ABC):
-    """A goodness-of-fit metric: ``fit`` solves scale/background and returns a :class:`Fit`.
+    """A goodness-of-fit metric, in one of two forms.
 
-    Subclasses (built-in or a user's, named in the config) implement :meth:`fit`; an abstract base
-    cannot be instantiated, so a user class that forgets it fails at load time with a clear message.
+    * ``fit(sim, exp, variance=None, mask=None) -> Fit`` (the built-ins, and user metrics built on
+      :func:`weighted_fit`): solves scale/background and returns the residuals.
+    * The seed's form, a subclass that implements only ``__call__(sim, exp) -> float``
+      (``value_only``): :meth:`fit` then calls it on the used points (see the module docstring).
+
+    A subclass with neither fails with QcbedInputError naming ``refine.gof`` when loaded by
+    :func:`make_gof` (and when its ``fit`` is called).
     """
 
     name: str = "BaseGOF"
+    #: Why a value-only metric has no standard errors (:attr:`sigma_undefined_reason`).
+    VALUE_ONLY_NO_SIGMA = ("the metric gives only a value (the seed's __call__(sim, exp) interface): no residuals, "
+                           "so no Jacobian or curvature for standard errors")
 
-    #: None when the metric is a chi^2 whose curvature gives standard errors; else why it gives none (the
-    #: fine stage then reports every uncertainty as undefined, with this reason)
-    uncertainty_undefined: str | None = None
+    @property
+    def value_only(self) -> bool:
+        """True for a metric in the seed's form: ``__call__(sim, exp)`` and no ``fit`` of its own."""
+        return _value_only(type(self))
 
-    @abc.abstractmethod
+    @property
+    def residuals_defined(self) -> bool:
+        """Whether ``Fit.residual`` is a residual vector with sum(residual**2) == value, as
+        Levenberg-Marquardt and the Jacobian need (False for a value-only metric: its residual is 0)."""
+        return not self.value_only
+
+    @property
+    def uncertainty_undefined(self) -> str | None:
+        """None when the metric is a chi^2 whose curvature gives standard errors; else why it gives none (the
+        fine stage then reports every uncertainty as undefined, with this reason).  A value-only metric has
+        none; XCorrelation states its own reason."""
+        return self.VALUE_ONLY_NO_SIGMA if self.value_only else None
+
+    @property
+    def sigma_defined(self) -> bool:
+        """Whether standard errors of the refined parameters can be derived from this metric
+        (:attr:`uncertainty_undefined` is None)."""
+        return self.uncertainty_undefined is None
+
+    @property
+    def sigma_undefined_reason(self) -> str:
+        """Why :attr:`sigma_defined` is False ("" when it is True)."""
+        return self.uncertainty_undefined or ""
+
     def fit(self, sim, exp, variance=None, mask=None) -> Fit:
-        """Fit c sim + b to exp over the used points; arrays (n_disks, n_points), mask True = use."""
+        """Fit c sim + b to exp over the used points; arrays (n_disks, n_points), mask True = use.
+
+        This base implementation serves the seed's form: the value is ``self(sim[used], exp[used])``
+        (1-D arrays of the used points; ``variance`` is not passed); scale and background are the
+        unweighted least-squares c, b, for reporting only; residual 0; n_linear 0."""
+        if not self.value_only:
+            raise QcbedInputError("refine.gof", f"{type(self).__name__} implements neither fit(sim, exp, variance, mask) "
+                                  "nor __call__(sim, exp)", _IMPLEMENT_FIX)
+        sim, exp, _, used = _prepare(sim, exp, mask)
+        ts, xs = sim[used], exp[used]
+        value = self(ts.copy(), xs.copy())
+        try:
+            value = float(np.asarray(value, dtype=np.float64).reshape(()))
+        except (TypeError, ValueError):
+            raise QcbedInputError("refine.gof", f"{type(self).__name__}.__call__ must return one number, got "
+                                  f"{type(value).__name__} {value!r:.80}", "return the figure of merit as a float") from None
+        if not np.isfinite(value):
+            raise QcbedInputError("refine.gof", f"{type(self).__name__}.__call__ returned {value} on {ts.size} points",
+                                  "return a finite figure of merit (or raise QcbedInputError where it is undefined)")
+        dt = ts - ts.mean()
+        den = float(np.sum(dt * dt))
+        c = float(np.sum(dt * (xs - xs.mean())) / den) if den > 0 else 0.0  # unweighted least squares, reporting only
+        b = float(xs.mean() - c * ts.mean())
+        return Fit(value=value, scale=c, background=np.full(sim.shape[0], b), model=np.where(used, c * sim + b, np.nan),
+                   residual=np.zeros(sim.shape), n_points=int(used.sum()), n_linear=0)
 
     def pixel_variance(self, image, variance=None):
         """Variance [counts^2] of each recorded pixel of ``image`` (H, W) for this metric, or None if it uses
@@ -286,7 +357,10 @@ class BaseGOF(abc.ABC):
         return None
 
     def reduced(self, fit: Fit, n_free: int) -> float:
-        """value / dof with dof = n_points - n_linear - n_free (QcbedInputError if dof <= 0)."""
+        """value / dof with dof = n_points - n_linear - n_free (QcbedInputError if dof <= 0); the value
+        unchanged for a value-only metric (not a chi^2, as XCorrelation)."""
+        if self.value_only:
+            return float(fit.value)
         if isinstance(n_free, bool) or not isinstance(n_free, (int, np.integer)) or n_free < 0:
             raise QcbedInputError("n_free", f"must be an integer >= 0, got {n_free!r}",
                                   "give the number of refined parameters")
@@ -300,6 +374,15 @@ class BaseGOF(abc.ABC):
 
     def __repr__(self):
         return f"{type(self).__name__}()"
+
+
+_IMPLEMENT_FIX = ("implement fit(sim, exp, variance=None, mask=None) returning a Fit (e.g. weighted_fit(...)), "
+                  "or the seed's __call__(sim, exp) returning the figure of merit")
+
+
+def _value_only(cls) -> bool:
+    """A BaseGOF subclass in the seed's form: ``__call__`` defined and ``fit`` not overridden."""
+    return cls.fit is BaseGOF.fit and any("__call__" in vars(k) for k in cls.__mro__ if k is not object)
 
 
 class XCorrelation(BaseGOF):
@@ -511,7 +594,10 @@ def _load_user_class(spec: str, base_dir):
         raise QcbedInputError("refine.gof", f"{target!r} has no {cls_name!r}", _SPEC_FIX)
     if not (inspect.isclass(cls) and issubclass(cls, BaseGOF)):
         raise QcbedInputError("refine.gof", f"{spec!r} is not a subclass of BaseGOF",
-                              "subclass stages.physics.gof.BaseGOF (or Chi2) and implement fit()")
+                              "subclass stages.physics.gof.BaseGOF (or Chi2) and " + _IMPLEMENT_FIX)
+    if cls.fit is BaseGOF.fit and not _value_only(cls):
+        raise QcbedInputError("refine.gof", f"{spec!r} implements neither fit(sim, exp, variance, mask) nor "
+                              "__call__(sim, exp)", _IMPLEMENT_FIX)
     return cls
 
 

@@ -4,6 +4,10 @@ Cubic convolution (Keys, IEEE Trans. ASSP 29 (1981) 1153, a = -1/2, "Catmull-Rom
 third-order accurate, and with a 4x4 support, so a sample is valid exactly when its 16 neighbour
 pixels are valid (measured, finite, not masked).  A spline interpolation would spread one bad pixel
 over the whole image through its prefilter.
+
+Point spread: :func:`voigt_kernel`, the 2-D radial Voigt profile on a grid of any two step vectors,
+weighted at the offsets' true lengths and cut (tapered over its outer tenth) at a radius set by its
+widths alone (4 sigma + 8 gamma); :func:`convolve_valid` applies it on a padded grid.
 """
 
 from __future__ import annotations
@@ -129,27 +133,120 @@ def sample_covariance_product(columns: np.ndarray, pixel_indices: np.ndarray, we
     return B.T @ (s2[:, None] * B)
 
 
-def voigt_kernel(sigma_px: float, gamma_px: float, radius_px: int | None = None) -> np.ndarray:
-    """2-D radial Voigt point-spread kernel on a pixel grid, normalised to unit sum.
+#: Truncation radius of the Voigt point-spread kernel, R = PSF_RADIUS_SIGMA sigma + PSF_RADIUS_GAMMA gamma
+#: (:func:`voigt_radius`; why these two numbers: :func:`voigt_kernel`).
+PSF_RADIUS_SIGMA = 4.0
+PSF_RADIUS_GAMMA = 8.0
+#: Fraction of the radius R over which the kernel tapers to zero (:func:`psf_taper`).
+PSF_TAPER = 0.1
 
-    V(r) = Re w((r + iγ)/(σ√2)) / (σ√(2π)) evaluated at the radial distance r [px] (as PyExtal's
-    LARBED probe model, but normalised); σ -> 0 gives a Lorentzian, γ -> 0 a Gaussian.
-    ``radius_px`` defaults to ceil(4σ + 8γ), at least 1.
+
+def voigt_profile(r, sigma: float, gamma: float) -> np.ndarray:
+    """The radial profile V(r) = Re w((r + iγ)/(σ√2)) / (σ√(2π)) (w the Faddeeva function): at r along
+    a line, the 1-D Voigt density of unit integral; σ -> 0 a Lorentzian of half-width γ, γ = 0 a Gaussian."""
+    s = max(float(sigma), 1e-6)
+    g = max(float(gamma), 0.0)
+    return wofz((np.asarray(r, float) + 1j * g) / (s * np.sqrt(2))).real / (s * np.sqrt(2 * np.pi))
+
+
+def voigt_radius(sigma: float, gamma: float) -> float:
+    """Truncation radius R(σ, γ) = 4σ + 8γ of :func:`voigt_kernel` (same units as σ, γ)."""
+    return PSF_RADIUS_SIGMA * max(float(sigma), 1e-6) + PSF_RADIUS_GAMMA * max(float(gamma), 0.0)
+
+
+def _grid_steps(steps) -> np.ndarray:
+    a = np.eye(2) if steps is None else np.asarray(steps, float)
+    if a.shape != (2, 2) or not np.all(np.isfinite(a)):
+        raise ValueError(f"steps must be two 2-D step vectors [[ax, ay], [bx, by]], got {steps!r}")
+    if abs(np.linalg.det(a)) <= 1e-9 * float(np.sum(a * a)):
+        raise ValueError(f"the grid steps {a.tolist()} are parallel: the grid has no area")
+    return a
+
+
+def _offsets_within(steps: np.ndarray, radius: float):
+    """Integer offsets (p, q) of the lattice p a + q b (a, b the rows of ``steps``) in a box that holds
+    every offset closer than ``radius``, with their distances |p a + q b|."""
+    a, b = steps
+    det = abs(float(np.linalg.det(steps)))
+    # |p| <= radius |b| / |det| for every lattice point inside the disk (its distance to the line along b)
+    pmax = int(np.floor(radius * np.linalg.norm(b) / det)) + 1
+    qmax = int(np.floor(radius * np.linalg.norm(a) / det)) + 1
+    p, q = np.meshgrid(np.arange(-pmax, pmax + 1), np.arange(-qmax, qmax + 1), indexing="ij")
+    d = np.hypot(p * a[0] + q * b[0], p * a[1] + q * b[1])
+    return p, q, d
+
+
+def psf_taper(r, radius: float) -> np.ndarray:
+    """1 within (1 - :data:`PSF_TAPER`) R, a half cosine down to 0 at R, 0 beyond (R = ``radius``)."""
+    R = float(radius)
+    u = np.clip((np.asarray(r, float) - (1.0 - PSF_TAPER) * R) / (PSF_TAPER * R), 0.0, 1.0)
+    return 0.5 * (1.0 + np.cos(np.pi * u))
+
+
+def voigt_kernel(sigma: float, gamma: float, steps=None) -> np.ndarray:
+    """2-D radial Voigt point-spread kernel on a (possibly skewed) grid, normalised to unit sum.
+
+    ``steps`` = [a, b]: the grid's step vectors along its first and second axis, in the units of σ and γ
+    (default the unit square grid: pixels).  ``kernel[P + p, Q + q]`` (shape (2P+1, 2Q+1)) weights the
+    offset p a + q b by the profile at its length r = |p a + q b|, so a skewed or rectangular grid gets
+    the weights of the true distances:
+
+        K(r) ∝ V(r) T(r/R),   V = :func:`voigt_profile`,   R = 4σ + 8γ (:func:`voigt_radius`),
+
+    T (:func:`psf_taper`) = 1 out to 0.9 R, then a half cosine to 0 at R.
+
+    The truncation radius depends on σ and γ only, never on the caller's grid padding, so a (σ, γ)
+    means one kernel whatever padding it is evaluated with.  A cut is needed: V(r) falls as γ/(π r²)
+    beyond the Gaussian core, so its 2-D integral 2π∫V r dr grows as 2γ ln r without bound and the
+    unit-sum normalisation depends on where the profile is cut.  R = 4σ + 8γ keeps the Gaussian core to
+    1 - e^-8 = 99.97 % of its 2-D weight (the taper changes a pure Gaussian's unit-sum weights by < 0.1 %
+    of the peak), and cuts the Lorentzian wing at 8 half-widths, where the 1-D Lorentzian holds
+    (2/π) arctan 8 = 92 % of its weight; both terms scale with the only lengths of the profile, so the
+    kernel of (k σ, k γ) on a grid of step k is that of (σ, γ) on the unit grid.  (It is also the radius
+    the synthetic LARBED data used before this definition.)  The taper makes every weight go to zero
+    smoothly as R comes down to the offset's distance, so the kernel, and a figure of merit through it,
+    change continuously (and smoothly) with σ and γ: a hard cut would add whole grid offsets as R
+    passes them, steps that stall the inner line searches.  It is confined to the outer tenth of R so
+    that the wing, which is what tells γ from σ, is kept out to 0.9 R (subtracting V(R) everywhere, the
+    other continuous cut, would remove most of the wing between 3σ and R).  The kernel holds only the
+    offsets closer than R: a caller convolving on a padded grid needs the padding :func:`voigt_support`
+    gives, or a radius up to :func:`voigt_max_radius` for its padding.
     """
-    s = max(float(sigma_px), 1e-6)
-    g = max(float(gamma_px), 0.0)
-    if radius_px is None:
-        radius_px = int(np.ceil(4 * s + 8 * g))
-    radius_px = max(1, int(radius_px))
-    ax = np.arange(-radius_px, radius_px + 1, dtype=float)
-    rr = np.hypot(ax[:, None], ax[None, :])
-    k = wofz((rr + 1j * g) / (s * np.sqrt(2))).real / (s * np.sqrt(2 * np.pi))
+    a = _grid_steps(steps)
+    R = voigt_radius(sigma, gamma)
+    p, q, d = _offsets_within(a, R)
+    inside = d < R
+    P, Q = int(np.abs(p[inside]).max()), int(np.abs(q[inside]).max())
+    w = np.where(inside, voigt_profile(d, sigma, gamma) * psf_taper(d, R), 0.0)
+    cp, cq = p.shape[0] // 2, p.shape[1] // 2
+    k = w[cp - P:cp + P + 1, cq - Q:cq + Q + 1]
     return k / k.sum()
 
 
+def voigt_support(sigma: float, gamma: float, steps=None) -> tuple[int, int]:
+    """Half-sizes (P, Q) of :func:`voigt_kernel` on the grid ``steps``: the padding (grid steps) it needs
+    along each axis."""
+    a = _grid_steps(steps)
+    p, q, d = _offsets_within(a, voigt_radius(sigma, gamma))
+    inside = d < voigt_radius(sigma, gamma)
+    return int(np.abs(p[inside]).max()), int(np.abs(q[inside]).max())
+
+
+def voigt_max_radius(steps, padding: int) -> float:
+    """The largest truncation radius R (units of ``steps``) whose kernel fits a grid padded by
+    ``padding`` steps on every side: the distance of the nearest offset outside the (2 padding + 1)^2
+    box (the kernel holds the offsets closer than R only)."""
+    a = _grid_steps(steps)
+    n = int(padding) + 1
+    reach = n * min(float(np.linalg.norm(a[0])), float(np.linalg.norm(a[1])))  # (n, 0) or (0, n) is outside
+    p, q, d = _offsets_within(a, reach)
+    outside = (np.abs(p) > padding) | (np.abs(q) > padding)
+    return float(d[outside].min())
+
+
 def convolve_valid(stack: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """Convolve each image of (..., H, W) with ``kernel`` (2R+1, 2R+1), keeping only the fully
-    supported interior (H-2R, W-2R): the caller pads its grid by R (never wraps around)."""
+    """Convolve each image of (..., H, W) with ``kernel`` (2P+1, 2Q+1), keeping only the fully
+    supported interior (H-2P, W-2Q): the caller pads its grid by P and Q (never wraps around)."""
     from scipy.signal import fftconvolve
 
     k = np.asarray(kernel, float)
