@@ -463,7 +463,8 @@ def compute_coarse(plan: Plan) -> xr.Dataset:
          "scan_ncc": (("scan",), np.asarray(scan.get("ncc", []), float), {"long_name": "joint NCC of the thickness scan"})},
         coords={"h": ("disk", res.disks[:, 0]), "k": ("disk", res.disks[:, 1]), "l": ("disk", res.disks[:, 2]),
                 "scan_thickness_A": ("scan", np.asarray(scan.get("thickness_A", []), float), {"units": "Å"})},
-        attrs={"thickness_A": float(res.thickness_A), "ncc": float(res.ncc), "shift_px": list(res.shift_px),
+        attrs={"thickness_A": float(res.thickness_A), "thickness_start_A": float(t0),
+               "thickness_bracket_A": [float(x) for x in bracket], "ncc": float(res.ncc), "shift_px": list(res.shift_px),
                "geometry": json.dumps(res.geometry.as_dict()), "at_edge": int(res.at_edge),
                "at_bound": int(res.at_bound), "counters": json.dumps(res.counters), "steps": json.dumps(steps),
                "beam_probe": json.dumps(probe)})
