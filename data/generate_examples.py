@@ -120,7 +120,7 @@ def _off(name: str) -> str:
         lines.append(f"#   gl {s['gl_px']:g} px (truth {t['gl_px']:g}: {_pct(s['gl_px'], t['gl_px'])}), rotation "
                      f"{s['rotation_deg']:g} deg (truth {t['rotation_deg']:g}: {s['rotation_deg'] - t['rotation_deg']:+.1f} deg)")
     else:
-        lines.append(f"#   gl and rotation: the scan's calibration (the true values here; not refined)")
+        lines.append("#   gl and rotation: the scan's calibration (the true values here; not refined)")
         lines.append(f"#   PSF sigma, gamma {s['psf'][0]:g}, {s['psf'][1]:g} (truth {t['psf'][0]:g}, {t['psf'][1]:g} tilt steps)")
     lines.append("#   structure factors: the IAM ([refine])")
     return "\n".join(lines) + "\n"
