@@ -491,7 +491,7 @@ def cmd_demo(args) -> int:
     if args.no_refine:
         argv += ["--until", "variance"]
     print("\nqcbed " + " ".join(argv) + ("" if args.no_refine else
-          "   (about 4 minutes; truth in data/si_cbed/si_cbed_truth.json)"))
+          "   (about a minute; it starts off the truth, which is in data/si_cbed/si_cbed_truth.json)"))
     return main(argv)
 
 
@@ -606,8 +606,8 @@ def make_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run the shipped example end to end into results/",
                        description="Simulate the shipped silicon example (data/si.cif) into RESULTS/demo/, then run the "
                                    "synthetic Si CBED example (data/si_cbed) through the whole pipeline into "
-                                   "RESULTS/si_cbed/: load, roi, iam, variance, fine refinement of U_111, U_222 and the "
-                                   "geometry, report.")
+                                   "RESULTS/si_cbed/: load, roi, iam, variance, coarse (thickness), fine refinement of U_111, "
+                                   "U_222 and the geometry, report; from a start off the truth, as a user's would be.")
     d.add_argument("--results", default="results", help="results folder (default: results)")
     d.add_argument("--no-refine", action="store_true", help="stop before the refinement")
     d.set_defaults(func=cmd_demo)

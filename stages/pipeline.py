@@ -505,7 +505,8 @@ def compute_coarse(plan: Plan) -> xr.Dataset:
         steps["orientation_thickness_final"] = _coarse_summary(res)
     d = res.as_dict()
     scan = d["scan"]
-    attrs = {"thickness_A": float(res.thickness_A), "ncc": float(res.ncc), "shift_px": list(res.shift_px),
+    attrs = {"thickness_A": float(res.thickness_A), "thickness_start_A": float(t0),
+             "thickness_bracket_A": [float(x) for x in bracket], "ncc": float(res.ncc), "shift_px": list(res.shift_px),
              "geometry": json.dumps(res.geometry.as_dict()), "at_edge": int(res.at_edge),
              "at_bound": int(res.at_bound), "counters": json.dumps(_coarse_counters(steps, res)),
              "steps": json.dumps(steps), "beam_probe": json.dumps(probe),

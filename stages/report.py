@@ -443,6 +443,9 @@ def summarize(run_dir) -> dict:
     if coarse is not None:
         cc = json.loads(coarse.attrs.get("counters", "{}"))
         out["coarse"] = {"thickness_A": coarse.attrs["thickness_A"], "ncc": coarse.attrs["ncc"],
+                         # the config's thickness and the bracket searched (absent from stores written before)
+                         "thickness_start_A": _num(coarse.attrs.get("thickness_start_A")),
+                         "thickness_bracket_A": coarse.attrs.get("thickness_bracket_A"),
                          "ncc_per_disk": coarse.ncc_per_disk.values.tolist(),
                          "disks": [[int(h), int(k), int(l)] for h, k, l in zip(coarse.h.values, coarse.k.values, coarse.l.values)],
                          "shift_px": list(coarse.attrs["shift_px"]), "at_edge": bool(coarse.attrs.get("at_edge", 0)),
@@ -760,7 +763,12 @@ def _fit_summary_rows(s: dict) -> tuple[list[str], list[list[Cell]]]:
 
 def _coarse_rows(s: dict) -> tuple[list[str], list[list[Cell]]]:
     co = s["coarse"]
-    rows = [[Cell("thickness"), N(co["thickness_A"], key="coarse/thickness_A", unit="Å")],
+    rows = [[Cell("thickness"), N(co["thickness_A"], key="coarse/thickness_A", unit="Å")]]
+    if co.get("thickness_start_A") is not None:
+        br = co.get("thickness_bracket_A")
+        rows.append([Cell("thickness at the start (config), bracket searched"),
+                     Cell(f"{fmt(co['thickness_start_A'])} Å" + (f", [{fmt(br[0])}, {fmt(br[1])}] Å" if br else ""))])
+    rows += [
             [Cell("joint NCC"), N(co["ncc"], key="coarse/ncc", digits=5)],
             [Cell("orientation shift (row, col)"), Cell(f"{fmt(co['shift_px'][0], digits=4)}, {fmt(co['shift_px'][1], digits=4)} px")]]
     for d, v in zip(co["disks"], co["ncc_per_disk"]):
@@ -865,6 +873,13 @@ def _sections(s: dict) -> list[tuple[str, str, object]]:
         blocks.append(("warn", "Check", s["warnings"]))
     blocks.append(("h2", "Refined parameters", None))
     blocks.append(("table", "", _param_table(s)))
+    co = s.get("coarse")
+    if co:
+        t0 = co.get("thickness_start_A")
+        blocks.append(("notes", "", [
+            "start: where the fine stage started: the thickness and orientation from the coarse stage"
+            + (f" (thickness {fmt(t0)} Å in the config → {fmt(co['thickness_A'])} Å)" if t0 is not None else "")
+            + ", the rest from the config; shifts from the config's centre, at the coarse stage's orientation."]))
     blocks.append(("h2", "Structure factors", None))
     if s["structure_factors"]:
         (he, re_), (hx, rx) = _sf_tables(s)

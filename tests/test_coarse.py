@@ -27,7 +27,7 @@ from stages.physics.pattern_geometry import PatternGeometry
 from stages.simulate import ForwardModel
 from stages.synthetic import Effects, make_larbed
 
-from .conftest import DATA
+from .conftest import DATA, truth_geometry
 
 G = (1, -1, -1)
 DISKS = [(0, 0, 0), G, (-1, 1, 1), (2, -2, -2), (-2, 2, 2)]
@@ -78,14 +78,15 @@ def larbed(si):
 
 @pytest.fixture(scope="module")
 def cbed():
-    """The shipped CBED example (data/si_cbed), model and geometry from its config, true U applied."""
+    """The shipped CBED example (data/si_cbed), model from its config, true U applied, the true geometry
+    (the config starts elsewhere)."""
     cfg = C.load_config(DATA / "si_cbed" / "config.toml")
     truth = json.loads((DATA / "si_cbed" / "si_cbed_truth.json").read_text())
     model = C.forward_model(cfg)
     for key, (re, im) in truth["U"].items():
         model.potential.set(tuple(int(x) for x in key.split()), U=complex(re, im))
     pattern = load_pattern(cfg.section("pattern"), cfg.base_dir)
-    pg = C.pattern_geometry(cfg, model)
+    pg = truth_geometry(model, truth)
     return SimpleNamespace(model=model, pg=pg, pattern=pattern, disks=C.roi_disks(cfg, pattern), truth=truth)
 
 
@@ -394,7 +395,7 @@ def test_shipped_larbed_example():
     for key, (re, im) in truth["U"].items():
         model.potential.set(tuple(int(x) for x in key.split()), U=complex(re, im))
     pattern = load_pattern(cfg.section("pattern"), cfg.base_dir)
-    pg = C.pattern_geometry(cfg, model)
+    pg = truth_geometry(model, truth)  # the config starts elsewhere
     disks = C.roi_disks(cfg, pattern)
     T = truth["thickness_A"]
     psf = (truth["effects"]["psf_sigma_px"], truth["effects"]["psf_gamma_px"])

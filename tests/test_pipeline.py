@@ -348,9 +348,13 @@ def test_coarse_stage_feeds_fine(small, tmp_path):
     co = xr.open_zarr(plan.store("coarse"), consolidated=False)
     t = co.attrs["thickness_A"]
     assert abs(t / 900.0 - 1) < 0.02 and co.attrs["ncc"] > 0.9  # truth 900 Å; config starts at 918 Å
+    assert co.attrs["thickness_start_A"] == C.thickness_of(plan.cfg) and co.attrs["thickness_bracket_A"] == [700.0, 1100.0]
     fine = xr.open_zarr(plan.store("fine"), consolidated=False)
     g0 = float(fine.start.sel(param="thickness"))
     assert g0 == pytest.approx(t)
+    # the report says where the fine stage's start came from: config thickness -> coarse
+    md = (plan.run_dir / "report" / "report.md").read_text()
+    assert "thickness at the start (config), bracket searched" in md and "from the coarse stage (thickness" in md
     cfg.write_text(cfg.read_text().replace("search_px = 1.0", "search_px = 2.0"))
     plan2 = _plan(cfg, tmp_path)
     assert {s for s in plan.stages if plan.keys[s] != plan2.keys[s]} == {"coarse", "fine", "report"}
