@@ -45,7 +45,7 @@ from .errors import QcbedInputError
 from .physics.gof import BaseGOF
 from .physics.pattern_geometry import PatternGeometry
 from .physics.sampling import (PSF_RADIUS_GAMMA, PSF_RADIUS_SIGMA, convolve_valid, cubic_support,
-                               sample_covariance_product, sampled_variance, voigt_kernel, voigt_max_radius,
+                               cubic_support_gradient, resampling_covariance, sample_covariance_product, sampled_variance, voigt_kernel, voigt_max_radius,
                                voigt_radius)
 from .physics.structure_factors import centric_phase, related_reflections
 from .simulate import ForwardModel
@@ -1055,10 +1055,12 @@ def _jacobian(problem: FineProblem, values_sf, g, sol, fit):
 
 
 #: how the standard errors are computed (the report and results.json state it)
-SIGMA_METHOD = ("sandwich covariance of the linearised least-squares estimate: cov = A⁻¹ (Jᵀ R J) A⁻¹ × "
+SIGMA_METHOD = ("sandwich covariance of the linearised least-squares estimate: cov = A⁻¹ (Jᵀ R J + C_Q) A⁻¹ × "
                 "max(1, χ²/ν_eff), A = JᵀJ, J the Jacobian of the weighted residuals (scale and backgrounds "
-                "profiled), R the covariance of the normalised samples from the pixel noise they share (cubic "
-                "convolution of independent pixels), ν_eff = tr(R) − tr(H R) the effective degrees of freedom")
+                "profiled; sampling geometry from the fitted model's gradient), R the covariance of the normalised "
+                "samples from the pixel noise they share (cubic convolution of independent pixels), C_Q the "
+                "covariance of the gradient term from moving the samples over that noise (sampling geometry), "
+                "ν_eff = tr(R) − tr(H R) the effective degrees of freedom")
 
 
 def _linear_columns(problem: FineProblem, sim, used, sigma) -> np.ndarray:
@@ -1151,6 +1153,7 @@ def model_geometry_columns(problem: FineProblem, sol, g: dict, fit, sigma) -> di
             t0 = time.perf_counter()
             s2 = problem.model.solve_tiled(pg.display_to_tilt(xy2), problem.disks, beam_cache=problem.beam_cache)
             problem.counters["eigen_solves"] += 1
+            problem.counters["eigen_solves_sigma"] = problem.counters.get("eigen_solves_sigma", 0) + 1
             problem.counters["solve_s"] += time.perf_counter() - t0
             pair.append(problem.sim_transform(s2.intensities([g["thickness"]])[:, 0, :].T, g))
         grads.append((pair[0] - pair[1]) / (2 * MODEL_GRADIENT_PX))
@@ -1174,6 +1177,37 @@ def model_geometry_columns(problem: FineProblem, sol, g: dict, fit, sigma) -> di
     return out
 
 
+def _sample_pixels(problem: FineProblem, g: dict) -> np.ndarray:
+    """Pixel positions (row, col) of every (disk, inner point) sample at geometry g: (nd, n_inner, 2)."""
+    pg = problem._pg(g)
+    xy = pg.tilt_to_display(problem.kt_inner)
+    return np.stack([pg.display_to_pixel(xy, d) for d in problem.disks])
+
+
+def resampling_terms(problem: FineProblem, g: dict, fit, sample_variance_used, names) -> tuple[np.ndarray, np.ndarray]:
+    """(E[Q], Cov(Q)) of the sampling-geometry parameters ``names``: the part of the chi^2 gradient that
+    comes from moving the samples over the pixel noise (:func:`~stages.physics.sampling.resampling_covariance`).
+
+    A sampling parameter moves the points where the noisy pixels are interpolated, so the noise each sample
+    sees changes with it: the half-gradient of chi^2 is J^T r + Q, Q_a = sum_i e_i (de_i/da) / s_i^2, and Q
+    is a second, independent source of scatter of the estimate (uncorrelated with J^T r for symmetric noise).
+    On the shipped CBED geometry it doubled the scatter of the rotation and the shifts over what J^T R J
+    gives.  E[Q] (nonzero where the samples' phases within the pixels change with a) is a bias: -A^-1 E[Q]."""
+    if not names:
+        return np.zeros(0), np.zeros((0, 0))
+    _, _, _, (idx, w), _ = problem.experimental_support(g)
+    used = np.isfinite(fit.model)
+    rc = _sample_pixels(problem, g)
+    dwr, dwc = cubic_support_gradient(rc[..., 0][used], rc[..., 1][used])
+    rates = []
+    for name in names:
+        h = geometry_fd_step(problem, g, name)
+        v = (_sample_pixels(problem, {**g, name: g[name] + h}) - _sample_pixels(problem, {**g, name: g[name] - h})) / (2 * h)
+        v = v[used]
+        rates.append(dwr * v[:, :1] + dwc * v[:, 1:2])
+    return resampling_covariance(w[used], rates, idx[used], sample_variance_used, problem.pixel_variance_flat())
+
+
 def _uncertainties(problem: FineProblem, values_sf, g, sol, fit, jac=None, profiled=None):
     """Standard errors, correlations, the Gauss-Newton step and how the errors were made, from the Jacobian
     J of the profiled weighted residuals r at the reported point (:func:`_jacobian`, or ``jac`` when
@@ -1184,7 +1218,9 @@ def _uncertainties(problem: FineProblem, values_sf, g, sol, fit, jac=None, profi
     line); the weighted least-squares estimate is still unbiased, but its covariance is the sandwich
     A⁻¹ (Jᵀ R J) A⁻¹ (A = JᵀJ), not A⁻¹, which would be too small by about the oversampling.  It is
     The sampling-geometry columns are taken from the expected data (:func:`model_geometry_columns`), not from
-    the gradient of the noisy pixels.  The covariance is scaled by max(1, χ²/ν_eff) with ν_eff = tr(R) − tr(H R) (exact noise: χ²/ν_eff = 1 on average; above 1 the
+    the gradient of the noisy pixels, and the meat gains C_Q, the covariance of the gradient term that moving
+    the samples over the pixel noise adds (:func:`resampling_terms`); its mean gives ``resampling_bias``
+    (-A⁻¹ E[Q], per parameter, in its units: the pull of the samples' phases within the pixels).  The covariance is scaled by max(1, χ²/ν_eff) with ν_eff = tr(R) − tr(H R) (exact noise: χ²/ν_eff = 1 on average; above 1 the
     model or the noise is underestimated and the errors grow with it).  step = -A⁻¹ Jᵀ r (all parameters
     jointly, linearised: where the least-squares optimum lies from here; a step of several sigma means the
     search stopped short of it).  ``profiled``: parameters at their optimum by a direct search at this
@@ -1193,7 +1229,7 @@ def _uncertainties(problem: FineProblem, values_sf, g, sol, fit, jac=None, profi
     A metric with ``uncertainty_undefined`` (not a chi^2: XCorrelation, a seed-style metric) gets NaN
     errors and correlations with that reason, and so does a metric without a pixel variance (no noise
     model to scale them).  Returns (sigma, correlation, step, info); info:
-    method (or the reason the errors are undefined), dof_effective, chi2_effective (χ²/ν_eff).
+    method (or the reason the errors are undefined), dof_effective, chi2_effective (χ²/ν_eff), resampling_bias.
     """
     J, r = _jacobian(problem, values_sf, g, sol, fit) if jac is None else jac
     n = J.shape[1]
@@ -1221,7 +1257,8 @@ def _uncertainties(problem: FineProblem, values_sf, g, sol, fit, jac=None, profi
         exp, var, _ = problem.experimental(g)
         from .physics.gof import Chi2
         s2 = problem.gof.sigma2(problem.simulated(sol, g), exp, var) if isinstance(problem.gof, Chi2) else var
-        model_cols = model_geometry_columns(problem, sol, g, fit, np.sqrt(np.asarray(s2, float)[np.isfinite(fit.model)]))
+        s2_used = np.asarray(s2, float)[np.isfinite(fit.model)]
+        model_cols = model_geometry_columns(problem, sol, g, fit, np.sqrt(s2_used))
     names = [p.label for p in problem.sf] + problem.geometry_names
     for j, nm in enumerate(names):
         if nm in model_cols:
@@ -1230,12 +1267,21 @@ def _uncertainties(problem: FineProblem, values_sf, g, sol, fit, jac=None, profi
         inv = np.linalg.pinv(J.T @ J)
         terms = sample_correlation_terms(problem, sol, g, fit, J)
     M, dof_eff, n_used = terms
+    samp = [j for j, nm in enumerate(names) if nm in model_cols]
+    bias = np.zeros(len(names))
+    if samp:
+        mean_q, cov_q = resampling_terms(problem, g, fit, s2_used, [names[j] for j in samp])
+        M = np.array(M, float)
+        M[np.ix_(samp, samp)] += cov_q
+        eq = np.zeros(len(names))
+        eq[samp] = mean_q
+        bias = -inv @ eq
     chi2_eff = float(fit.value) / dof_eff if dof_eff > 0 else float("nan")
     cov = inv @ M @ inv * max(1.0, chi2_eff if np.isfinite(chi2_eff) else 1.0)
     sig = np.sqrt(np.clip(np.diag(cov), 0, None))
     with np.errstate(invalid="ignore", divide="ignore"):
         corr = cov / np.outer(sig, sig)
-    info.update(dof_effective=float(dof_eff), chi2_effective=chi2_eff)
+    info.update(dof_effective=float(dof_eff), chi2_effective=chi2_eff, resampling_bias=bias.tolist())
     return sig, corr, step, info
 
 

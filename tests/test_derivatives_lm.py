@@ -99,7 +99,9 @@ def test_levenberg_marquardt_noise_free_in_few_solves(si):
     c = res.counters
     assert res.converged and abs(res.value("U(1 -1 -1)") / u_true - 1) < 5e-5
     assert abs(res.value("thickness") / 900.0 - 1) < 1e-4
-    assert c["eigen_solves"] == c["eigen_solves_start"] + c["lm_steps"] == 2 + c["lm_steps"]
+    # + 4 tile solves of the model gradient for the sampling-geometry errors (fine.model_geometry_columns)
+    assert c["eigen_solves"] - c.get("eigen_solves_sigma", 0) == c["eigen_solves_start"] + c["lm_steps"] == 2 + c["lm_steps"]
+    assert c.get("eigen_solves_sigma", 0) in (0, 4)
     assert c["lm_steps"] <= 4
     assert np.all(np.abs(res.gauss_newton_step) < 0.1 * res.sigma)
 
@@ -112,7 +114,7 @@ def test_levenberg_marquardt_lands_on_the_nelder_mead_optimum(si):
     prob_b, _ = _small_problem(si, noise="poisson", seed=7)
     lm = levenberg_marquardt(prob_a)
     nm = refine(prob_b, max_iterations=60)
-    assert lm.converged and lm.counters["eigen_solves"] <= 8
+    assert lm.converged and lm.counters["eigen_solves"] - lm.counters.get("eigen_solves_sigma", 0) <= 8
     for name in ("U(1 -1 -1)", "thickness", "shift_row", "shift_col"):
         assert abs(lm.value(name) - nm.value(name)) < 0.1 * nm.error(name), name
         assert lm.error(name) == pytest.approx(nm.error(name), rel=0.01)

@@ -198,12 +198,16 @@ def test_cbed_example_acceptance(tmp_path):
     assert abs(prob.thickness0 / truth["thickness_A"] - 1) < 0.02  # coarse: 2800 -> 2984 Å measured
     tv = _truth_values(truth, truth_geometry(prob.model, truth), prob.pg0)
     res = levenberg_marquardt(prob)
-    assert res.converged and res.counters["eigen_solves"] <= 12  # measured 9
+    assert res.converged and res.counters["eigen_solves"] - res.counters.get("eigen_solves_sigma", 0) <= 12  # measured 9
     u111, u222, t = res.value("U(1 -1 -1)"), res.value("U(2 -2 -2)"), res.value("thickness")
     assert abs(u111 / tv["U(1 -1 -1)"] - 1) < 1e-3, u111
     assert abs(u222 / tv["U(2 -2 -2)"] - 1) < 0.05, u222
     assert abs(t / truth["thickness_A"] - 1) < 0.01
-    _within_3_sigma(res, tv)  # measured: shifts +2.3, +2.1 sigma (correlated, r = 0.91), the rest within 0.8
+    _within_3_sigma(res, tv)
+    # exact noise: chi^2 over the effective degrees of freedom is 1 (the acceptance: within 0.05; its spread over
+    # noise draws is 0.08, bench/coverage.py, so this holds for the shipped draw, not for every draw); it was 0.644
+    # when a sample's variance was the interpolated variance map
+    assert abs(res.sigma_info["chi2_effective"] - 1.0) < 0.05, res.sigma_info
 
 
 @pytest.mark.slow
@@ -217,10 +221,11 @@ def test_larbed_example_acceptance():
     assert abs(prob.thickness0 / truth["thickness_A"] - 1) > 0.05
     tv = _truth_values(truth, truth_geometry(model, truth), pg)
     res = levenberg_marquardt(prob)
-    assert res.converged and res.counters["eigen_solves"] <= 12  # measured 9
+    assert res.converged and res.counters["eigen_solves"] - res.counters.get("eigen_solves_sigma", 0) <= 12  # measured 9
     assert abs(res.value("U(1 -1 -1)") / tv["U(1 -1 -1)"] - 1) < 2e-3
     assert abs(res.value("psf_sigma") / truth["effects"]["psf_sigma_px"] - 1) < 0.1
-    _within_3_sigma(res, tv)  # measured: shifts +2.4, -2.4 sigma, the rest within 1.6
+    _within_3_sigma(res, tv)
+    assert abs(res.sigma_info["chi2_effective"] - 1.0) < 0.05, res.sigma_info  # spread sqrt(2/2200) = 0.03
 
 
 def test_sf_parameters_centric_and_acentric():

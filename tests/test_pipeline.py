@@ -421,7 +421,9 @@ def test_levenberg_marquardt_run_resumes_exactly(small, tmp_path):
     np.testing.assert_array_equal(a.sigma.values, b.sigma.values)
     c = json.loads(a.attrs["counters"])
     assert c["optimizer"] == "levenberg-marquardt"
-    assert c["eigen_solves"] == c["eigen_solves_start"] + c["lm_steps"] == 2 + c["lm_steps"]
+    # + 4 tile solves of the model gradient for the sampling-geometry errors (fine.model_geometry_columns)
+    assert c["eigen_solves"] - c.get("eigen_solves_sigma", 0) == c["eigen_solves_start"] + c["lm_steps"] == 2 + c["lm_steps"]
+    assert c.get("eigen_solves_sigma", 0) in (0, 4)
 
 
 def test_coarse_voltage_is_refined_recorded_and_used(tmp_path):

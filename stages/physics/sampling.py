@@ -29,6 +29,63 @@ def _keys_weights(t: np.ndarray) -> np.ndarray:
     ], axis=-1)
 
 
+def _keys_weights_derivative(t: np.ndarray) -> np.ndarray:
+    """d/dt of :func:`_keys_weights` (n, 4)."""
+    t2 = t * t
+    return np.stack([-1.5 * t2 + 2.0 * t - 0.5, 4.5 * t2 - 5.0 * t, -4.5 * t2 + 4.0 * t + 0.5, 1.5 * t2 - t], axis=-1)
+
+
+def cubic_support_gradient(rows, cols) -> tuple[np.ndarray, np.ndarray]:
+    """d weights / d row and d weights / d col [per px] (n, 16) of the cubic-convolution supports of
+    :func:`cubic_support` at (rows, cols): how each pixel's weight in a sample changes as the sample moves
+    (within its support; the weights are C1 across pixel boundaries, so the derivative is continuous)."""
+    r = np.asarray(rows, float).ravel()
+    c = np.asarray(cols, float).ravel()
+    tr = r - np.floor(r)
+    tc = c - np.floor(c)
+    wr, wc = _keys_weights(tr), _keys_weights(tc)
+    dr, dc = _keys_weights_derivative(tr), _keys_weights_derivative(tc)
+    n = len(r)
+    return (dr[:, :, None] * wc[:, None, :]).reshape(n, 16), (wr[:, :, None] * dc[:, None, :]).reshape(n, 16)
+
+
+def resampling_covariance(weights: np.ndarray, weight_rates: list[np.ndarray], pixel_indices: np.ndarray,
+                          sample_variance: np.ndarray, pixel_variance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of Q_a = sum_i e_i e'_ia / s_i^2, the part of the chi^2 gradient in a sampling
+    parameter a that comes from moving the samples over the pixel noise: e_i = sum_k w_ik n_k the noise of
+    sample i, e'_ia = sum_k (dw_ik/da) n_k its rate of change, n_k independent with variances sigma_k^2.
+
+    Q_a = n^T B_a n with B_a = (W^T S W'_a + W'_a^T S W) / 2, S = diag(1 / s_i^2), so for Gaussian noise
+    E[Q_a] = tr(B_a Sigma) and Cov(Q_a, Q_b) = 2 tr(B_a Sigma B_b Sigma), computed on the sparse supports.
+    weights, weight_rates[a], pixel_indices: (n, 16); sample_variance s_i^2 (n,); pixel_variance flat.
+    Returns (mean (m,), covariance (m, m))."""
+    from scipy import sparse
+
+    idx = np.asarray(pixel_indices, np.int64)
+    uniq, inv = np.unique(idx.ravel(), return_inverse=True)
+    n, npx = idx.shape[0], len(uniq)
+    rows = np.repeat(np.arange(n), 16)
+    cols = inv.ravel()
+    W = sparse.csr_matrix((np.asarray(weights, float).ravel(), (rows, cols)), shape=(n, npx))
+    S = sparse.diags(1.0 / np.asarray(sample_variance, float))
+    sig2 = np.asarray(pixel_variance, float).ravel()[uniq]
+    Sig = sparse.diags(sig2)
+    BS = []
+    mean = np.zeros(len(weight_rates))
+    for a, rate in enumerate(weight_rates):
+        Wa = sparse.csr_matrix((np.asarray(rate, float).ravel(), (rows, cols)), shape=(n, npx))
+        X = W.T @ S @ Wa
+        B = 0.5 * (X + X.T)
+        mean[a] = float(B.diagonal() @ sig2)
+        BS.append((B @ Sig).tocsr())
+    m = len(BS)
+    cov = np.zeros((m, m))
+    for a in range(m):
+        for b in range(a, m):
+            cov[a, b] = cov[b, a] = 2.0 * float(BS[a].multiply(BS[b].T).sum())
+    return mean, cov
+
+
 def cubic_sample(image: np.ndarray, rows, cols, valid: np.ndarray | None = None):
     """Sample a 2-D image at (rows, cols) by cubic convolution.
 
