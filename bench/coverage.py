@@ -175,7 +175,11 @@ def run_case(case: str, draws: int, workers: int = 1, seed0: int = 0) -> list[di
     jobs = [(case, seed0 + i) for i in range(draws)]
     if workers <= 1:
         return [_draw(j) for j in jobs]
-    with ProcessPoolExecutor(workers) as ex:
+    import multiprocessing as mp
+
+    # fork: the workers inherit the loaded module (the slow test loads this file by path, not as a package)
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+    with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
         return list(ex.map(_draw, jobs))
 
 
