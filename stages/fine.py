@@ -390,7 +390,9 @@ class FineProblem:
         for img, val, var in zip(self.images, self.valids, self.variances):
             k = id(img)
             if k not in pv_of:
-                pv = self.gof.pixel_variance(img, var)
+                # a metric that needs the pattern's variance map and has none: no pixel variance here (its fit
+                # names the missing variance; the pipeline builds the problem again with the variance store)
+                pv = None if (getattr(self.gof, "uses_variance", False) and var is None) else self.gof.pixel_variance(img, var)
                 pv_of[k] = (None if pv is None else np.asarray(pv, float), np.asarray(val, bool) & np.isfinite(img))
             self.pixel_variances.append(pv_of[k][0])
             self._good.append(pv_of[k][1])
