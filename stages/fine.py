@@ -1090,6 +1090,18 @@ def _linear_columns(problem: FineProblem, sim, used, sigma) -> np.ndarray:
     return np.stack(cols, axis=1)
 
 
+def _weight_variance(problem: FineProblem, sol, g: dict, exp=None, var=None) -> np.ndarray:
+    """The variance the metric weights each (disk, inner point) sample with at geometry g: its ``sigma2`` for the
+    chi^2 metrics, else the variance the fine stage passes it."""
+    from .physics.gof import Chi2
+
+    if exp is None:
+        exp, var, _ = problem.experimental(g)
+    if isinstance(problem.gof, Chi2):
+        return np.asarray(problem.gof.sigma2(problem.simulated(sol, g), exp, var), float)
+    return np.asarray(var, float)
+
+
 def sample_correlation_terms(problem: FineProblem, sol, g: dict, fit, J: np.ndarray):
     """(J^T R J, nu_eff = tr(R) - tr(H R), n_used) at geometry g for the Jacobian J of the normalised residuals on the used
     samples of ``fit``, or None when the metric has no pixel variance.
@@ -1106,8 +1118,7 @@ def sample_correlation_terms(problem: FineProblem, sol, g: dict, fit, J: np.ndar
     exp, var, ok, (idx, w), vex = problem.experimental_support(g)
     used = np.isfinite(fit.model) if fit.model is not None else ok
     sim = problem.simulated(sol, g)
-    from .physics.gof import Chi2
-    s2 = np.asarray(problem.gof.sigma2(sim, exp, var), float) if isinstance(problem.gof, Chi2) else var
+    s2 = _weight_variance(problem, sol, g, exp, var)
     sig = np.sqrt(s2[used])
     L = _linear_columns(problem, sim, used, sig)
     X = np.hstack([J, L])
@@ -1218,11 +1229,13 @@ def _uncertainties(problem: FineProblem, values_sf, g, sol, fit, jac=None, profi
     Covariance (:data:`SIGMA_METHOD`): the samples are cubic convolutions of independent pixels, so
     neighbouring samples share noise (a ROI sampled at half-pixel steps has each pixel in ~4 samples per
     line); the weighted least-squares estimate is still unbiased, but its covariance is the sandwich
-    A⁻¹ (Jᵀ R J) A⁻¹ (A = JᵀJ), not A⁻¹, which would be too small by about the oversampling.  It is
+    A⁻¹ (Jᵀ R J) A⁻¹ (A = JᵀJ), not A⁻¹, which would be too small by about the oversampling.
     The sampling-geometry columns are taken from the expected data (:func:`model_geometry_columns`), not from
     the gradient of the noisy pixels, and the meat gains C_Q, the covariance of the gradient term that moving
     the samples over the pixel noise adds (:func:`resampling_terms`); its mean gives ``resampling_bias``
-    (-A⁻¹ E[Q], per parameter, in its units: the pull of the samples' phases within the pixels).  The covariance is scaled by max(1, χ²/ν_eff) with ν_eff = tr(R) − tr(H R) (exact noise: χ²/ν_eff = 1 on average; above 1 the
+    (-A⁻¹ E[Q], per parameter, in its units: the pull of the samples' phases within the pixels).  The
+    covariance is scaled by max(1, χ²/ν_eff) with ν_eff = tr(R) − tr(H R) (exact noise: χ²/ν_eff = 1 on
+    average; above 1 the
     model or the noise is underestimated and the errors grow with it).  step = -A⁻¹ Jᵀ r (all parameters
     jointly, linearised: where the least-squares optimum lies from here; a step of several sigma means the
     search stopped short of it).  ``profiled``: parameters at their optimum by a direct search at this
@@ -1249,17 +1262,14 @@ def _uncertainties(problem: FineProblem, values_sf, g, sol, fit, jac=None, profi
         b = np.where(np.asarray(profiled, bool), 0.0, b)
     step = -inv @ b
     reason = getattr(problem.gof, "uncertainty_undefined", None)
-    terms = None if reason else sample_correlation_terms(problem, sol, g, fit, J)
-    if reason or terms is None:
-        reason = reason or f"the metric {problem.gof.name} has no noise model (no pixel variance)"
+    if reason is None and problem.pixel_variance_flat() is None:
+        reason = f"the metric {problem.gof.name} has no noise model (no pixel variance)"
+    if reason:
         return np.full(n, np.nan), np.full((n, n), np.nan), step, {**info, "defined": False, "method": reason}
     J = np.array(J, float)
     model_cols = {}
     if any(_is_sampling(nm) for nm in problem.geometry_names):
-        exp, var, _ = problem.experimental(g)
-        from .physics.gof import Chi2
-        s2 = problem.gof.sigma2(problem.simulated(sol, g), exp, var) if isinstance(problem.gof, Chi2) else var
-        s2_used = np.asarray(s2, float)[np.isfinite(fit.model)]
+        s2_used = _weight_variance(problem, sol, g)[np.isfinite(fit.model)]
         model_cols = model_geometry_columns(problem, sol, g, fit, np.sqrt(s2_used))
     names = [p.label for p in problem.sf] + problem.geometry_names
     for j, nm in enumerate(names):
@@ -1267,8 +1277,7 @@ def _uncertainties(problem: FineProblem, values_sf, g, sol, fit, jac=None, profi
             J[:, j] = model_cols[nm]
     if model_cols:
         inv = np.linalg.pinv(J.T @ J)
-        terms = sample_correlation_terms(problem, sol, g, fit, J)
-    M, dof_eff, n_used = terms
+    M, dof_eff, n_used = sample_correlation_terms(problem, sol, g, fit, J)
     samp = [j for j, nm in enumerate(names) if nm in model_cols]
     bias = np.zeros(len(names))
     if samp:
