@@ -1190,6 +1190,42 @@ def model_geometry_columns(problem: FineProblem, sol, g: dict, fit, sigma) -> di
     return out
 
 
+#: a sampling-geometry parameter whose standard error moves the samples by more than this [detector px, RMS over
+#: the used samples] is flagged as barely determined (``sigma_info["barely_determined"]``, the report's warnings).
+#: The interpolated noise has structure on the pixel scale (on the systematic-row LARBED of bench/coverage.py the
+#: expected chi^2 ripples by +-6 with a period of one pixel along the weak shift), so the linearised error holds
+#: while a parameter's error moves the samples by a small fraction of a pixel.  Measured (bench/coverage.py):
+#: shifts with sigma 0.006-0.025 px are covered as the normal law says; the shift across a systematic row with
+#: sigma 1.8 px scattered by 0.45 sigma, and the errors correlated with it were overstated too.
+SAMPLING_SIGMA_LIMIT_PX = 0.2
+
+
+def sample_motion_rates(problem: FineProblem, g: dict, used, names) -> dict:
+    """{name: d(row, col)/d theta of the used samples (n_used, 2) [detector px per unit]} for the sampling-geometry
+    parameters ``names`` at geometry g (central differences of :func:`geometry_fd_step`)."""
+    out = {}
+    for name in names:
+        h = geometry_fd_step(problem, g, name)
+        v = (_sample_pixels(problem, {**g, name: g[name] + h}) - _sample_pixels(problem, {**g, name: g[name] - h})) / (2 * h)
+        out[name] = v[used]
+    return out
+
+
+def barely_determined(sigma: dict, rates: dict, limit_px: float = SAMPLING_SIGMA_LIMIT_PX) -> dict:
+    """{name: RMS sample displacement [px] of one standard error} for the sampling parameters whose standard
+    error ``sigma[name]`` moves the samples (``rates``, :func:`sample_motion_rates`) by more than ``limit_px``
+    (:data:`SAMPLING_SIGMA_LIMIT_PX`)."""
+    out = {}
+    for name, v in rates.items():
+        s = sigma.get(name)
+        if s is None or not np.isfinite(s) or not len(v):
+            continue
+        d = float(s * np.sqrt(np.mean(np.sum(np.asarray(v) ** 2, axis=-1))))
+        if d > limit_px:
+            out[name] = d
+    return out
+
+
 def _sample_pixels(problem: FineProblem, g: dict) -> np.ndarray:
     """Pixel positions (row, col) of every (disk, inner point) sample at geometry g: (nd, n_inner, 2)."""
     pg = problem._pg(g)
@@ -1197,7 +1233,7 @@ def _sample_pixels(problem: FineProblem, g: dict) -> np.ndarray:
     return np.stack([pg.display_to_pixel(xy, d) for d in problem.disks])
 
 
-def resampling_terms(problem: FineProblem, g: dict, fit, sample_variance_used, names) -> tuple[np.ndarray, np.ndarray]:
+def resampling_terms(problem: FineProblem, g: dict, fit, sample_variance_used, names, rates=None) -> tuple[np.ndarray, np.ndarray]:
     """(E[Q], Cov(Q)) of the sampling-geometry parameters ``names``: the part of the chi^2 gradient that
     comes from moving the samples over the pixel noise (:func:`~stages.physics.sampling.resampling_covariance`).
 
@@ -1212,13 +1248,9 @@ def resampling_terms(problem: FineProblem, g: dict, fit, sample_variance_used, n
     used = np.isfinite(fit.model)
     rc = _sample_pixels(problem, g)
     dwr, dwc = cubic_support_gradient(rc[..., 0][used], rc[..., 1][used])
-    rates = []
-    for name in names:
-        h = geometry_fd_step(problem, g, name)
-        v = (_sample_pixels(problem, {**g, name: g[name] + h}) - _sample_pixels(problem, {**g, name: g[name] - h})) / (2 * h)
-        v = v[used]
-        rates.append(dwr * v[:, :1] + dwc * v[:, 1:2])
-    return resampling_covariance(w[used], rates, idx[used], sample_variance_used, problem.pixel_variance_flat())
+    motion = sample_motion_rates(problem, g, used, names) if rates is None else rates
+    wrates = [dwr * motion[n][:, :1] + dwc * motion[n][:, 1:2] for n in names]
+    return resampling_covariance(w[used], wrates, idx[used], sample_variance_used, problem.pixel_variance_flat())
 
 
 def _uncertainties(problem: FineProblem, values_sf, g, sol, fit, jac=None, profiled=None):
@@ -1236,7 +1268,9 @@ def _uncertainties(problem: FineProblem, values_sf, g, sol, fit, jac=None, profi
     (-A⁻¹ E[Q], per parameter, in its units: the pull of the samples' phases within the pixels).  The
     covariance is scaled by max(1, χ²/ν_eff) with ν_eff = tr(R) − tr(H R) (exact noise: χ²/ν_eff = 1 on
     average; above 1 the
-    model or the noise is underestimated and the errors grow with it).  step = -A⁻¹ Jᵀ r (all parameters
+    model or the noise is underestimated and the errors grow with it).  A sampling parameter whose error moves
+    the samples by more than :data:`SAMPLING_SIGMA_LIMIT_PX` is listed in ``barely_determined`` (the
+    linearisation over the pixel-scale noise structure overstates its error).  step = -A⁻¹ Jᵀ r (all parameters
     jointly, linearised: where the least-squares optimum lies from here; a step of several sigma means the
     search stopped short of it).  ``profiled``: parameters at their optimum by a direct search at this
     point, whose gradient is taken as 0 (:func:`_lm_proposal`).
@@ -1244,7 +1278,8 @@ def _uncertainties(problem: FineProblem, values_sf, g, sol, fit, jac=None, profi
     A metric with ``uncertainty_undefined`` (not a chi^2: XCorrelation, a seed-style metric) gets NaN
     errors and correlations with that reason, and so does a metric without a pixel variance (no noise
     model to scale them).  Returns (sigma, correlation, step, info); info:
-    method (or the reason the errors are undefined), dof_effective, chi2_effective (χ²/ν_eff), resampling_bias.
+    method (or the reason the errors are undefined), dof_effective, chi2_effective (χ²/ν_eff), resampling_bias,
+    barely_determined ({name: sample displacement of one sigma, px}).
     """
     J, r = _jacobian(problem, values_sf, g, sol, fit) if jac is None else jac
     n = J.shape[1]
@@ -1280,8 +1315,10 @@ def _uncertainties(problem: FineProblem, values_sf, g, sol, fit, jac=None, profi
     M, dof_eff, n_used = sample_correlation_terms(problem, sol, g, fit, J)
     samp = [j for j, nm in enumerate(names) if nm in model_cols]
     bias = np.zeros(len(names))
+    motion = {}
     if samp:
-        mean_q, cov_q = resampling_terms(problem, g, fit, s2_used, [names[j] for j in samp])
+        motion = sample_motion_rates(problem, g, np.isfinite(fit.model), [names[j] for j in samp])
+        mean_q, cov_q = resampling_terms(problem, g, fit, s2_used, [names[j] for j in samp], rates=motion)
         M = np.array(M, float)
         M[np.ix_(samp, samp)] += cov_q
         eq = np.zeros(len(names))
@@ -1292,7 +1329,8 @@ def _uncertainties(problem: FineProblem, values_sf, g, sol, fit, jac=None, profi
     sig = np.sqrt(np.clip(np.diag(cov), 0, None))
     with np.errstate(invalid="ignore", divide="ignore"):
         corr = cov / np.outer(sig, sig)
-    info.update(dof_effective=float(dof_eff), chi2_effective=chi2_eff, resampling_bias=bias.tolist())
+    info.update(dof_effective=float(dof_eff), chi2_effective=chi2_eff, resampling_bias=bias.tolist(),
+                barely_determined=barely_determined(dict(zip(names, sig)), motion))
     return sig, corr, step, info
 
 

@@ -882,7 +882,7 @@ def _float_or_nan(v) -> float:
 def fine_dataset(problem, res, trace: dict | None, resumed_from=None) -> xr.Dataset:
     """fine.zarr: refined values ± sigma, correlations, fit statistics, geometry, trace, counters, and the
     ZNCC per disk at the start and at the optimum (``zncc_start``, ``zncc``; their means in the attrs)."""
-    from .fine import ZNCC_DEFINITION, zncc_mean
+    from .fine import SAMPLING_SIGMA_LIMIT_PX, ZNCC_DEFINITION, zncc_mean
 
     names = list(res.names)
     start_sf = [p.x0 for p in problem.sf]
@@ -953,6 +953,8 @@ def fine_dataset(problem, res, trace: dict | None, resumed_from=None) -> xr.Data
         "sigma_method": str(res.sigma_info.get("method", "")), "sigma_defined": int(bool(res.sigma_info.get("defined"))),
         "dof_effective": _float_or_nan(res.sigma_info.get("dof_effective")),
         "chi2_effective": _float_or_nan(res.sigma_info.get("chi2_effective")),
+        "barely_determined": json.dumps(res.sigma_info.get("barely_determined") or {}),
+        "barely_determined_limit_px": float(SAMPLING_SIGMA_LIMIT_PX),
         "geometry": json.dumps(geo), "pattern_geometry": json.dumps(problem._pg(res.geometry).as_dict()),
         "counters": json.dumps(res.counters), "resumed_from_iteration": -1 if resumed_from is None else int(resumed_from),
         "disks": json.dumps(problem.disks.tolist()),

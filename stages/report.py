@@ -431,6 +431,8 @@ def summarize(run_dir) -> dict:
         "sigma_defined": bool(a.get("sigma_defined", 1)),
         "dof_effective": _num(a.get("dof_effective")),
         "chi2_effective": _num(a.get("chi2_effective")),
+        "barely_determined": json.loads(a.get("barely_determined", "{}") or "{}"),
+        "barely_determined_limit_px": _num(a.get("barely_determined_limit_px")),
         "fit": fit_statistics(fine),
         "geometry": json.loads(a["geometry"]), "geometry_table": _geometry_table(fine), "pattern_geometry": pg,
         "counters": json.loads(a["counters"]),
@@ -507,6 +509,13 @@ def _warnings(s: dict) -> list[str]:
     for p in s["parameters"] if s.get("sigma_defined", True) else ():
         if not (p["sigma"] is not None and p["sigma"] > 0):
             w.append(f"{p['name']}: no standard error (the fit does not constrain it).")
+    bd = s.get("barely_determined") or {}
+    if bd:
+        w.append("Barely determined: " + ", ".join(f"{n} (one σ moves the samples by {d:.2g} px)" for n, d in bd.items())
+                 + f". Above {fmt(s.get('barely_determined_limit_px'))} px the pixel-scale structure of the interpolated noise makes "
+                   "the linearised errors of these and of the parameters correlated with them too large (bench/"
+                   "coverage.py, systematic row: the shift across the row scattered by 0.45 σ); fix them, or add "
+                   "disks or tilts that constrain them.")
     far = [p for p in s["parameters"] if p.get("gauss_newton_step") is not None and (p["sigma"] or 0) > 0
            and abs(p["gauss_newton_step"]) > GAUSS_NEWTON_SIGMAS * p["sigma"]]
     if far:

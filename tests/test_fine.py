@@ -8,7 +8,7 @@ import xarray as xr
 
 from stages.physics.sampling import cubic_sample
 from stages import config as C
-from stages.fine import FineProblem, refine, sf_params_from_config
+from stages.fine import SAMPLING_SIGMA_LIMIT_PX, FineProblem, refine, sf_params_from_config
 from stages.errors import QcbedInputError
 from stages.load import load_pattern
 from stages.physics.beams import Selection
@@ -208,6 +208,7 @@ def test_cbed_example_acceptance(tmp_path):
     # noise draws is 0.08, bench/coverage.py, so this holds for the shipped draw, not for every draw); it was 0.644
     # when a sample's variance was the interpolated variance map
     assert abs(res.sigma_info["chi2_effective"] - 1.0) < 0.05, res.sigma_info
+    assert res.sigma_info["barely_determined"] == {}, res.sigma_info  # the shifts' sigma moves the samples 0.02 px
 
 
 @pytest.mark.slow
@@ -226,6 +227,20 @@ def test_larbed_example_acceptance():
     assert abs(res.value("psf_sigma") / truth["effects"]["psf_sigma_px"] - 1) < 0.1
     _within_3_sigma(res, tv)
     assert abs(res.sigma_info["chi2_effective"] - 1.0) < 0.05, res.sigma_info  # spread sqrt(2/2200) = 0.03
+    # a systematic row: the shift across the row is barely determined, and the fit says so
+    bd = res.sigma_info["barely_determined"]
+    assert set(bd) == {"shift_row", "shift_col"} and min(bd.values()) > SAMPLING_SIGMA_LIMIT_PX, bd
+
+
+def test_barely_determined_sampling_parameters():
+    """A sampling parameter is flagged when one sigma moves the samples (RMS over them) by more than the limit."""
+    from stages.fine import barely_determined
+
+    rates = {"shift_row": np.tile([1.0, 0.0], (50, 1)), "gl": np.tile([0.0, 2.0e-3], (50, 1))}
+    assert barely_determined({"shift_row": 0.1, "gl": 0.05}, rates) == {}  # 0.1 px and 1e-4 px
+    bd = barely_determined({"shift_row": 1.8, "gl": 200.0}, rates)
+    assert bd == pytest.approx({"shift_row": 1.8, "gl": 0.4})
+    assert barely_determined({"shift_row": float("nan")}, rates) == {}
 
 
 def test_sf_parameters_centric_and_acentric():

@@ -354,6 +354,11 @@ def test_range_end_warning():
     s["parameters"][0]["gauss_newton_step"] = 1e-5  # 1 sigma: not listed
     w = R._warnings(s)
     assert len(w) == 2 and "thickness 1300 → 1300.6 (3 σ)" in w[0] and "U(1 1 1)" not in w[0], w
+    # a sampling parameter whose sigma moves the samples by more than the limit: named, with what to do
+    s["barely_determined"], s["barely_determined_limit_px"] = {"shift_row": 1.83}, 0.2
+    w = R._warnings(s)
+    assert len(w) == 3 and w[0].startswith("Barely determined: shift_row (one σ moves the samples by 1.8 px)"), w
+    assert "Above 0.2 px" in w[0] and "fix them" in w[0]
 
 
 def test_fmt():
