@@ -580,10 +580,15 @@ class FineProblem:
         one swings by 2.4x within every pixel (sum w^2 = 1 on a pixel, 0.41 half-way in both directions), so
         weights from it would give the figure of merit a pixel-scale ripple in every sampling-geometry
         parameter and, wherever the model misfits, pull the geometry towards samples on pixel centres (their
-        larger variance hides the misfit).  Any fixed positive weights give an unbiased least-squares
-        estimate; kappa makes them the right size on average (chi^2 / nu_eff = 1 for exact noise), and the
-        uncertainties and nu_eff use the exact variances and covariances of the samples
-        (:func:`sample_correlation_terms`), so the errors are right for these weights."""
+        larger variance hides the misfit: with a chi^2 of 170, as on the GeSn data, that pull is 170x the noise's).
+        The price: the expected noise part of chi^2, sum of exact / weight variance, still varies with the
+        samples' phases within the pixels, so a sampling parameter gets a small bias, reported as
+        ``resampling_bias`` (:func:`resampling_terms`; below 0.1 sigma on the near-zone-axis LARBED case of
+        bench/coverage.py), and where a
+        sampling parameter is barely determined this pixel-scale structure dominates its error
+        (:data:`SAMPLING_SIGMA_LIMIT_PX`).  kappa makes the weights the right size on average (chi^2 / nu_eff
+        = 1 for exact noise), and the uncertainties and nu_eff use the exact variances and covariances of the
+        samples (:func:`sample_correlation_terms`), so the errors are right for these weights."""
         if self.pixel_variances[0] is None:
             return None
         if self._kappa is None:
