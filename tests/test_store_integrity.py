@@ -369,3 +369,39 @@ def test_cli_run_full_disk_exits_2_with_one_line(finished, small, tmp_path, monk
     assert len(lines) == 1 and lines[0].startswith(f"qcbed: error: {plan.run_dir}: cannot write: no space left")
     assert P.store_state(plan, "report") != "done"
     assert {s: _snapshot(plan.store(s)) for s in before} == before
+
+
+def test_cli_report_on_a_garbled_fine_store_exits_2_and_sets_it_aside(finished, small, tmp_path, capsys):
+    plan = _copy_run(finished, small, tmp_path)
+    before = _snapshot(plan.store("report"))
+    c = next(p for p in (plan.store("fine") / "value").rglob("*") if p.is_file() and p.name != "zarr.json")
+    c.write_bytes(bytes(b ^ 0xFF for b in c.read_bytes()))
+    assert main(["report", str(plan.run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{plan.store('fine')}: damaged: value/c" in err and "moved to .fine.zarr.corrupt-" in err
+    assert P.store_state(plan, "fine") == "pending" and _snapshot(plan.store("report")) == before
+
+
+def _lock_without_permission(monkeypatch):
+    real = os.open
+
+    def no_permission(p, *a, **k):
+        if str(p).endswith(P.LOCK):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(p, *a, **k)
+
+    monkeypatch.setattr(P.os, "open", no_permission)
+
+
+@pytest.mark.parametrize("command", ["prepare", pytest.param("run", marks=pytest.mark.slow)])  # run: Prefect, ~25 s
+def test_cli_read_only_results_exits_2_with_one_line(small, tmp_path, monkeypatch, capsys, command):
+    """The field failure: a read-only results folder gave a 54-line traceback (EACCES injected at the run
+    lock, the first write of a run; as root, chmod cannot make the folder read-only)."""
+    _lock_without_permission(monkeypatch)
+    rc = main([command, str(small), "--results", str(tmp_path)])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    run_dir = _plan(small, tmp_path).run_dir
+    assert rc == 2 and len(lines) == 1
+    assert lines[0].startswith(f"qcbed: error: {run_dir}: cannot write: permission denied") and "chmod u+w" in lines[0]
+    assert [p.name for p in run_dir.iterdir()] == []  # nothing written, nothing marked done
