@@ -26,8 +26,13 @@ and a changed value recomputes exactly the stages downstream of it.
 Stores are written under a temporary name and renamed into place (:mod:`stages.store`), so a
 killed write never leaves a store that looks complete.  The fine refinement appends one row per
 outer iteration to ``fine_trace.zarr`` (:class:`TraceStore`) and resumes from its last committed
-row; a store whose metadata cannot be read is moved aside (``.NAME.corrupt-*``, never deleted)
-and recomputed.  :class:`RunLock` keeps a second process off a run folder.
+row.  Every store (and the report folder) carries a manifest of its files' sizes and digests, written
+before the rename; a store skipped as done or read by a later stage is checked against it
+(:func:`store_check`), and one whose metadata cannot be read or whose files differ is moved aside
+(``.NAME.corrupt-*``, never deleted) and recomputed; a store from before manifests is 'unverified' and
+still done.  The trace carries a digest per committed row and resumes from its last intact one.  A write
+that fails (full disk, no permission, read-only) is one QcbedInputError naming the folder; nothing is
+marked done.  :class:`RunLock` keeps a second process off a run folder.
 """
 
 from __future__ import annotations
