@@ -405,3 +405,40 @@ def test_cli_read_only_results_exits_2_with_one_line(small, tmp_path, monkeypatc
     assert rc == 2 and len(lines) == 1
     assert lines[0].startswith(f"qcbed: error: {run_dir}: cannot write: permission denied") and "chmod u+w" in lines[0]
     assert [p.name for p in run_dir.iterdir()] == []  # nothing written, nothing marked done
+
+
+def _rechunk_trace(path: Path, monkeypatch) -> int:
+    """Rewrite a run's trace with one row per chunk (so one row can be damaged alone); its row count."""
+    g = zarr.open_group(str(path), mode="r")
+    attrs, rows = dict(g.attrs), {name: a[:] for name, a in g.arrays()}
+    monkeypatch.setattr(P.TraceStore, "CHUNK", 1)
+    t = P.TraceStore(path)
+    std = ("iteration", "gof", "wall_s", "eigen_solves", "best", "simplex", "fsim")
+    own = {k: v for k, v in attrs.items() if k not in ("stage_key", "names", "n_committed", "row_digests")}
+    nv, npar = rows["simplex"].shape[1:]
+    t.create(attrs["stage_key"], attrs["names"], nv, npar, own,
+             extra={k: v.shape[1:] for k, v in rows.items() if k not in std})
+    n = int(attrs["n_committed"])
+    for i in range(n):
+        t.append({k: v[i] for k, v in rows.items()})
+    return n
+
+
+def test_fine_stage_resumes_from_the_last_intact_trace_row(finished, small, tmp_path, monkeypatch):
+    """A garbled trace chunk in a real run: the fine stage drops that row and the ones after it, resumes from
+    the last intact checkpoint and reaches the uninterrupted run's values."""
+    plan = _copy_run(finished, small, tmp_path)
+    want = S.open_store(plan.store("fine"))["value"].values.copy()
+    n = _rechunk_trace(plan.run_dir / P.TRACE, monkeypatch)
+    assert n >= 3
+    import shutil
+
+    shutil.rmtree(plan.store("fine"))
+    c = plan.run_dir / P.TRACE / "gof" / "c" / str(n - 1)  # the last row
+    c.write_bytes(bytes(b ^ 0x77 for b in c.read_bytes()))
+    lines = []
+    assert P.run_stage(plan, "fine", say=lines.append) == "resumed"
+    assert sum(f"row {n} of {n} is damaged" in m and f"(row {n - 1})" in m for m in lines) == 1
+    step = int(zarr.open_group(str(plan.run_dir / P.TRACE), mode="r")["iteration"][n - 2])
+    assert any("resuming after " in m and f" {step} (" in m for m in lines)
+    np.testing.assert_array_equal(S.open_store(plan.store("fine"))["value"].values, want)
