@@ -58,8 +58,7 @@ import xarray as xr
 from . import __version__
 from . import config as C
 from .errors import QcbedInputError
-from .store import (MANIFEST, CorruptStore, open_store, replace_dir, set_aside, verify_store, write_manifest,
-                    write_store, writing)
+from .store import CorruptStore, open_store, replace_dir, set_aside, verify_store, write_store, writing
 
 STAGES = ("load", "roi", "iam", "variance", "coarse", "fine", "report")
 #: the order when the coarse stage refines the voltage, cell or B: the IAM structure factors (and the report's
