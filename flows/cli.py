@@ -413,7 +413,9 @@ def _check_fine_store(run: Path) -> None:
 
     try:
         ds = open_store(run / "fine.zarr")
-    except Exception as exc:  # noqa: BLE001  (damaged store: any reader error)
+    except QcbedInputError:  # no store, or damaged (moved aside): its own one-line message
+        raise
+    except Exception as exc:  # noqa: BLE001  (unreadable store: any reader error)
         raise QcbedInputError(str(run / "fine.zarr"), f"unreadable ({type(exc).__name__}: {exc})",
                               "run `qcbed run CONFIG` again: the fine stage is recomputed") from None
     missing = [v for v in ("value", "sigma", "fit_exp", "fit_model", "h") if v not in ds.variables]

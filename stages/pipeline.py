@@ -26,8 +26,13 @@ and a changed value recomputes exactly the stages downstream of it.
 Stores are written under a temporary name and renamed into place (:mod:`stages.store`), so a
 killed write never leaves a store that looks complete.  The fine refinement appends one row per
 outer iteration to ``fine_trace.zarr`` (:class:`TraceStore`) and resumes from its last committed
-row; a store whose metadata cannot be read is moved aside (``.NAME.corrupt-*``, never deleted)
-and recomputed.  :class:`RunLock` keeps a second process off a run folder.
+row.  Every store (and the report folder) carries a manifest of its files' sizes and digests, written
+before the rename; a store skipped as done or read by a later stage is checked against it
+(:func:`store_check`), and one whose metadata cannot be read or whose files differ is moved aside
+(``.NAME.corrupt-*``, never deleted) and recomputed; a store from before manifests is 'unverified' and
+still done.  The trace carries a digest per committed row and resumes from its last intact one.  A write
+that fails (full disk, no permission, read-only) is one QcbedInputError naming the folder; nothing is
+marked done.  :class:`RunLock` keeps a second process off a run folder.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ import xarray as xr
 from . import __version__
 from . import config as C
 from .errors import QcbedInputError
-from .store import open_store, replace_dir, write_store
+from .store import CorruptStore, open_store, replace_dir, set_aside, verify_store, write_store, writing
 
 STAGES = ("load", "roi", "iam", "variance", "coarse", "fine", "report")
 #: the order when the coarse stage refines the voltage, cell or B: the IAM structure factors (and the report's
@@ -240,10 +245,6 @@ def make_plan(cfg: C.RunConfig, results_dir, run_dir=None) -> Plan:
 
 
 # ------------------------------------------------------------------------------ store keys
-class CorruptStore(QcbedInputError):
-    pass
-
-
 def read_key(store: Path) -> str | None:
     """The ``stage_key`` recorded in a store's metadata (None when there is no store).
 
@@ -264,23 +265,32 @@ def read_key(store: Path) -> str | None:
                            "it is moved aside and recomputed") from None
 
 
-def set_aside(store: Path) -> Path:
-    """Move a corrupted store to a hidden name beside it (never deleted: the user may inspect it)."""
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    dest = store.with_name(f".{store.name}.corrupt-{stamp}-{uuid.uuid4().hex[:4]}")
-    os.rename(store, dest)
-    return dest
+def store_check(plan: Plan, stage: str) -> tuple[str, str]:
+    """(state, detail) of a stage's store: ('done', 'verified' | 'unverified'), ('stale', ''),
+    ('pending', ''), or ('corrupt', what is damaged).
+
+    A store with this key is checked against its manifest (:func:`stages.store.verify_store`): its
+    metadata can be intact while a chunk is garbled, truncated or missing.  'unverified': written
+    before qcbed recorded manifests; counted as done (old results are not recomputed)."""
+    store = plan.store(stage)
+    try:
+        k = read_key(store)
+    except CorruptStore as exc:
+        return "corrupt", exc.problem
+    if k is None:
+        return "pending", ""
+    if k != plan.keys[stage]:
+        return "stale", ""
+    try:
+        return "done", verify_store(store)
+    except CorruptStore as exc:
+        return "corrupt", exc.problem
 
 
 def store_state(plan: Plan, stage: str) -> str:
-    """'done' (store with this key), 'stale' (store of other inputs), 'corrupt', or 'pending'."""
-    try:
-        k = read_key(plan.store(stage))
-    except CorruptStore:
-        return "corrupt"
-    if k is None:
-        return "pending"
-    return "done" if k == plan.keys[stage] else "stale"
+    """'done' (store with this key, intact or unverified), 'stale' (store of other inputs), 'corrupt', or
+    'pending'."""
+    return store_check(plan, stage)[0]
 
 
 def _with_key(ds: xr.Dataset, plan: Plan, stage: str, section=None) -> xr.Dataset:
@@ -306,12 +316,11 @@ class RunLock:
         self.fd = None
 
     def __enter__(self):
-        try:
+        with writing(self.run_dir):
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise QcbedInputError(str(self.run_dir), f"cannot create the results folder: {exc.strerror}") from None
         path = self.run_dir / LOCK
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        with writing(self.run_dir):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -321,8 +330,13 @@ class RunLock:
             os.close(fd)
             raise QcbedInputError(str(self.run_dir), f"is in use by a running qcbed ({holder})",
                                   "wait for it to finish (qcbed status shows its progress) or give another --results") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}, since {_now()}".encode(), 0)
+        try:
+            with writing(self.run_dir):
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}, since {_now()}".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
         self.fd = fd
         return self
 
@@ -387,11 +401,14 @@ def write_run_record(plan: Plan, command: list[str] | None = None, extra: dict |
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then replace ``path``: a full disk or a
+    read-only folder raises one QcbedInputError naming the folder and leaves ``path`` as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with writing(path.parent, tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------ the stages
@@ -669,35 +686,60 @@ def fine_problem(plan: Plan):
 
 
 class TraceStore:
-    """``fine_trace.zarr``: one row per outer iteration, appended; a commit counter in the root attrs
-    is written after every row, and rows past it (torn by a kill mid-append) are dropped on open
-    (../shared/research/stack.md §3)."""
+    """``fine_trace.zarr``: one row per outer iteration, appended; a commit counter and a digest of every
+    committed row (``n_committed``, ``row_digests``) in the root attrs are written after each row.
+
+    On open, rows past the counter (torn by a kill mid-append) are dropped, and so are the rows from the
+    first one that no longer matches its digest or cannot be read (a garbled, truncated or deleted
+    chunk): the refinement resumes from the last intact checkpoint (../shared/research/stack.md §3).
+    A trace whose metadata is unreadable is moved aside (never deleted) and the refinement starts
+    over.  ``say`` gets one line for either."""
 
     CHUNK = 64
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, say=None):
         self.path = Path(path)
+        self.say = say or (lambda msg: None)
 
     def open(self, key: str):
-        """The committed rows as a dict, or None (absent, other key: then removed)."""
+        """The intact committed rows as a dict, or None (absent, other key: then removed; damaged from
+        its first row: moved aside)."""
         import zarr
 
         if not self.path.exists():
             return None
         try:
             g = zarr.open_group(str(self.path), mode="r+")
-            if g.attrs.get("stage_key") != key:
-                raise KeyError("other key")
-            n = int(g.attrs.get("n_committed", 0))
-            out = {"attrs": dict(g.attrs)}
-            for name, a in g.arrays():
-                if a.shape[0] != n:
-                    a.resize((n,) + a.shape[1:])
-                out[name] = a[:]
-        except Exception:  # noqa: BLE001  -- unreadable or of other inputs: start over
+            attrs = dict(g.attrs)
+            arrays = dict(g.arrays())
+            n = int(attrs.get("n_committed", 0))
+        except Exception as exc:  # noqa: BLE001  -- unreadable metadata: start over, keep it for inspection
+            dest = set_aside(self.path)
+            self.say(f"{self.path} was unreadable ({type(exc).__name__}: {exc}); moved to {dest.name}, starting over")
+            return None
+        if attrs.get("stage_key") != key:  # of other inputs: start over
             shutil.rmtree(self.path, ignore_errors=True)
             return None
-        return out if n > 0 else None
+        digests = attrs.get("row_digests")  # None: a trace written before qcbed recorded them
+        rows, good, why = _intact_rows(arrays, n, digests if isinstance(digests, list) else None)
+        if good < n:
+            if good == 0:
+                dest = set_aside(self.path)
+                self.say(f"{self.path}: row 1 of {n} is damaged ({why}); moved to {dest.name}, starting over")
+                return None
+            self.say(f"{self.path}: row {good + 1} of {n} is damaged ({why}); dropping rows {good + 1}-{n}, "
+                     f"resuming from the last intact checkpoint (row {good})")
+        with writing(self.path):
+            for name, a in arrays.items():
+                if a.shape[0] != good:
+                    a.resize((good,) + a.shape[1:])
+            if good < n:
+                upd = {"n_committed": good}
+                if isinstance(digests, list):
+                    upd["row_digests"] = digests[:good]
+                g.attrs.update(upd)
+        out = {"attrs": {**attrs, "n_committed": good}, **rows}
+        return out if good > 0 else None
 
     def create(self, key: str, names: list[str], n_vertices: int, n_params: int, attrs: dict,
                extra: dict | None = None) -> None:
@@ -709,30 +751,80 @@ class TraceStore:
         for junk in parent.glob(f".{self.path.name}.tmp-*"):
             shutil.rmtree(junk, ignore_errors=True)
         tmp = parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        g = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
-        c = self.CHUNK
-        for name, shape, dt in (("iteration", (0,), "i8"), ("gof", (0,), "f8"), ("wall_s", (0,), "f8"),
-                                ("eigen_solves", (0,), "i8"), ("best", (0, n_params), "f8"),
-                                ("simplex", (0, n_vertices, n_params), "f8"), ("fsim", (0, n_vertices), "f8")):
-            g.create_array(name, shape=shape, chunks=(c,) + shape[1:], dtype=dt)
-        for name, tail in (extra or {}).items():
-            shape = (0,) + tuple(tail)
-            g.create_array(name, shape=shape, chunks=(c,) + shape[1:], dtype="f8")
-        g.attrs.update({"stage_key": key, "names": names, "n_committed": 0, **attrs})
+        with writing(parent, tmp):
+            g = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
+            c = self.CHUNK
+            for name, shape, dt in (("iteration", (0,), "i8"), ("gof", (0,), "f8"), ("wall_s", (0,), "f8"),
+                                    ("eigen_solves", (0,), "i8"), ("best", (0, n_params), "f8"),
+                                    ("simplex", (0, n_vertices, n_params), "f8"), ("fsim", (0, n_vertices), "f8")):
+                g.create_array(name, shape=shape, chunks=(c,) + shape[1:], dtype=dt)
+            for name, tail in (extra or {}).items():
+                shape = (0,) + tuple(tail)
+                g.create_array(name, shape=shape, chunks=(c,) + shape[1:], dtype="f8")
+            g.attrs.update({"stage_key": key, "names": names, "n_committed": 0, "row_digests": [], **attrs})
         replace_dir(tmp, self.path)
 
     def append(self, row: dict) -> None:
+        """Append one row (every array of the trace), then commit it: the counter and the row's digest.
+        A full disk raises one QcbedInputError; the uncommitted row is dropped on the next open."""
         import zarr
 
-        g = zarr.open_group(str(self.path), mode="r+")
-        n = int(g.attrs["n_committed"])
-        for name, v in row.items():
-            a = g[name]
-            v = np.asarray(v)[None]
-            if a.shape[0] != n:  # torn row of an earlier kill
-                a.resize((n,) + a.shape[1:])
-            a.append(v)
-        g.attrs["n_committed"] = n + 1
+        with writing(self.path):
+            g = zarr.open_group(str(self.path), mode="r+")
+            n = int(g.attrs["n_committed"])
+            digests = g.attrs.get("row_digests")
+            stored = {}
+            for name, v in row.items():
+                a = g[name]
+                v = np.asarray(v, dtype=a.dtype).reshape(a.shape[1:])
+                stored[name] = v
+                if a.shape[0] != n:  # torn row of an earlier kill
+                    a.resize((n,) + a.shape[1:])
+                a.append(v[None])
+            upd = {"n_committed": n + 1}
+            if isinstance(digests, list) and len(digests) == n:  # a trace from before row digests keeps none
+                upd["row_digests"] = digests + [_row_digest(stored)]
+            g.attrs.update(upd)
+
+
+def _row_digest(row: dict) -> str:
+    """Digest of one trace row: every array's values as stored (its dtype), by array name."""
+    h = hashlib.sha256()
+    for name in sorted(row):
+        v = np.ascontiguousarray(row[name])
+        h.update(f"{name}:{v.dtype.str}:{v.shape};".encode())
+        h.update(v.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _intact_rows(arrays: dict, n: int, digests: list | None) -> tuple[dict, int, str]:
+    """(rows, count, why) of a trace's first ``count`` intact committed rows.
+
+    Each array is read a chunk at a time: a chunk that cannot be decoded (truncated, garbled) ends the
+    intact rows at its first row; then each row is compared with its digest (a deleted chunk reads as
+    the fill value and fails here).  ``digests`` None (an older trace): only readability is checked."""
+    good, why = n, ""
+    data = {}
+    for name, a in arrays.items():
+        if a.shape[0] < good:
+            good, why = a.shape[0], f"{name} has {a.shape[0]} rows"
+        parts = []
+        for lo in range(0, good, TraceStore.CHUNK):
+            hi = min(good, lo + TraceStore.CHUNK)
+            try:
+                parts.append(np.asarray(a[lo:hi]))
+            except Exception as exc:  # noqa: BLE001  -- an undecodable chunk
+                good, why = lo, f"{name} rows {lo + 1}-{hi} unreadable ({type(exc).__name__})"
+                break
+        data[name] = np.concatenate(parts) if parts else np.zeros((0,) + a.shape[1:], a.dtype)
+    if digests is not None:
+        if len(digests) < good:
+            good, why = len(digests), "no digest recorded"
+        for i in range(good):
+            if _row_digest({name: d[i] for name, d in data.items()}) != digests[i]:
+                good, why = i, "values differ from their digest at commit"
+                break
+    return {name: d[:good] for name, d in data.items()}, good, why
 
 
 def run_fine(plan: Plan, say=_say) -> dict:
@@ -745,11 +837,11 @@ def run_fine(plan: Plan, say=_say) -> dict:
     r = cfg.section("refine")
     if fine_optimizer(r, problem.gof) == "levenberg-marquardt":
         return _run_fine_lm(plan, problem, key, say)
-    trace = TraceStore(plan.run_dir / TRACE)
+    prefix = f"[{plan.run_dir.name}] fine"
+    trace = TraceStore(plan.run_dir / TRACE, say=lambda m: say(f"{prefix}: {m}"))
     names = [p.label for p in problem.sf]
     nv = len(names) + 1
     prev = trace.open(key)
-    prefix = f"[{plan.run_dir.name}] fine"
     kw = {}
     t_wall = time.perf_counter()
     if prev is not None:
@@ -822,11 +914,11 @@ def _run_fine_lm(plan: Plan, problem, key: str, say=_say) -> dict:
     from .fine import levenberg_marquardt
 
     r = plan.cfg.section("refine")
-    trace = TraceStore(plan.run_dir / TRACE)
+    prefix = f"[{plan.run_dir.name}] fine"
+    trace = TraceStore(plan.run_dir / TRACE, say=lambda m: say(f"{prefix}: {m}"))
     names = [p.label for p in problem.sf]
     gnames = problem.geometry_names
     prev = trace.open(key)
-    prefix = f"[{plan.run_dir.name}] fine"
     t_wall = time.perf_counter()
     state, gof_start = None, None
     if prev is not None:
@@ -983,13 +1075,16 @@ SECTION = {"load": "pattern", "roi": "roi", "iam": "simulation", "variance": "pa
 def run_stage(plan: Plan, stage: str, say=_say) -> str:
     """Run one stage unless its store is up to date; returns 'skipped', 'done' or 'resumed'."""
     tag = f"[{plan.run_dir.name}] {stage}"
-    state = store_state(plan, stage)
+    state, detail = store_check(plan, stage)
     if state == "done":
-        say(f"{tag}: up to date, skipped")
+        if detail == "unverified":
+            say(f"{tag}: up to date, skipped (unverified: written before qcbed recorded digests of its files)")
+        else:
+            say(f"{tag}: up to date, skipped")
         return "skipped"
     if state == "corrupt":
         dest = set_aside(plan.store(stage))
-        say(f"{tag}: {plan.store(stage)} was unreadable (corrupted); moved to {dest.name}, recomputing")
+        say(f"{tag}: {plan.store(stage)} was unreadable (corrupted: {detail}); moved to {dest.name}, recomputing")
     t0 = time.perf_counter()
     if stage == "fine":
         info = run_fine(plan, say)

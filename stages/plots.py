@@ -42,10 +42,12 @@ _MODEL = dict(color="tab:red", lw=1.3, zorder=3)
 
 # ------------------------------------------------------------------------------ reading
 def _open(path: Path) -> xr.Dataset | None:
+    from .store import open_store
+
     path = Path(path)
     if not path.exists():
         return None
-    return xr.open_zarr(path, consolidated=False, chunks=None).load()
+    return open_store(path)  # verified against its manifest
 
 
 def _hkl(ds: xr.Dataset, d: int) -> tuple[int, int, int]:

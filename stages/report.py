@@ -55,7 +55,7 @@ import numpy as np
 import xarray as xr
 
 from . import __version__
-from .store import replace_dir
+from .store import open_store, replace_dir, write_error, write_manifest, writing
 
 _LABEL = re.compile(r"^(?P<comp>[A-Za-z_]+)\((?P<h>-?\d+) (?P<k>-?\d+) (?P<l>-?\d+)\)$")
 R_FACTOR_DEFINITION = ("R = Σ|I_exp − I_model| / Σ|I_exp| over the samples the figure of merit used "
@@ -92,9 +92,10 @@ SF_UNITS = {"d_A": "Å", "g_invA": "1/Å (no 2π)", "phase0_deg": "degree", "U_i
 
 # ============================================================================ reading the stores
 def _open(path: Path) -> xr.Dataset | None:
+    """The store, verified against its manifest (:func:`stages.store.open_store`), or None if absent."""
     if not (path / "zarr.json").exists():
         return None
-    return xr.open_zarr(path, consolidated=False, chunks=None).load()
+    return open_store(path)
 
 
 def parse_label(label: str):
@@ -1191,7 +1192,11 @@ def _draw_plots(run_dir: Path, out_dir: Path, say) -> tuple[dict[str, Path], str
         return {}, f"plots unavailable ({exc})"
     try:
         made = make_plots(run_dir, out_dir)
-    except Exception as exc:  # noqa: BLE001  -- a figure must not cost the numbers
+    except OSError as exc:  # a full disk or a read-only folder: an error, never a report missing its figures
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise write_error(out_dir.parent, exc) from None
+    except Exception as exc:  # noqa: BLE001  -- a figure the plotting code cannot draw must not cost the numbers
         say(f"[{run_dir.name}] report: plots failed ({type(exc).__name__}: {exc}); writing the report without them")
         return {}, f"plots failed: {type(exc).__name__}: {exc}"
     files = {}
@@ -1221,8 +1226,11 @@ def write_report(run_dir, key: str | None = None, plots: bool = True, say=_say) 
     for junk in run_dir.glob(".report.tmp-*"):
         shutil.rmtree(junk, ignore_errors=True)
     tmp = run_dir / f".report.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    # every file, figures included, is written before record.json and the manifest, and the folder is
+    # renamed into place only then: a full disk or a read-only folder raises one QcbedInputError naming
+    # the run folder, removes the partial copy and leaves the earlier report as it was
+    with writing(run_dir, tmp):
+        tmp.mkdir()
         pngs, problem = _draw_plots(run_dir, tmp, say) if plots else ({}, None)
         if problem:
             s["warnings"].append(f"Figures missing: {problem}.")
@@ -1236,9 +1244,7 @@ def write_report(run_dir, key: str | None = None, plots: bool = True, say=_say) 
         (tmp / "structure_factors.hkl").write_text(vesta_hkl_text(s, st.iam))
         (tmp / "deformation.hkl").write_text(vesta_hkl_text(s, st.iam, deformation=True))
         (tmp / "record.json").write_text(json.dumps({"stage_key": key, "qcbed_version": __version__}) + "\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_manifest(tmp)
     return replace_dir(tmp, final)
 
 
