@@ -3,17 +3,18 @@
 A run = one config file = one pattern; its stores go to ``results/<run>/`` (../shared/DESIGN.md):
 
 ==========  ==========================  ===============================================================
-stage       store                       key made of
+stage       store                       reads (its key: the config fields of :data:`READS`, their files'
+                                        digests, the keys of the stores it reads)
 ==========  ==========================  ===============================================================
-load        pattern.zarr                [pattern], content digests of every file it reads
-roi         roi.zarr                    [roi], [geometry], [microscope], crystal, scattering table, load
-iam         structure_factors.zarr      crystal, [microscope], [simulation] physics, refined reflections
-variance    variance.zarr               pattern.detector, load
-coarse      coarse.zarr                 [coarse], crystal, [microscope], [simulation], [geometry], roi
-                                        disks, load (only when the config has an enabled [coarse])
-                                        (iam: + coarse, and run after it, when coarse.refine is set)
-fine        fine.zarr (+ fine_trace)    [refine], crystal, [microscope], [simulation], load, roi,
-                                        variance, coarse
+load        pattern.zarr                [pattern] and its files
+roi         roi.zarr                    [roi], [geometry], [microscope], crystal, pattern.kind; load
+iam         structure_factors.zarr      crystal, hv_kV, scattering table, absorption, the h k l of
+                                        roi.disks and refine.reflections (+ coarse with coarse.refine)
+variance    variance.zarr               pattern.detector; load
+coarse      coarse.zarr                 [coarse], crystal, [microscope], [simulation], [geometry],
+                                        roi.disks, refine.psf_*; load, roi (the beam probe's tilts)
+fine        fine.zarr (+ fine_trace)    [refine], crystal, [microscope], [simulation], [geometry];
+                                        load, roi, variance, coarse
 report      report/                     fine, iam, coarse
 ==========  ==========================  ===============================================================
 
@@ -64,8 +65,6 @@ STORES = {"load": "pattern.zarr", "roi": "roi.zarr", "iam": "structure_factors.z
 TRACE = "fine_trace.zarr"
 RUN_RECORD = "run.json"
 LOCK = ".lock"
-#: physics keys of [simulation] that change structure factors (not the starting thickness)
-_SIM_PHYSICS = ("scattering_table", "absorption", "absorption_fraction")
 
 
 def _say(msg: str) -> None:
@@ -197,43 +196,114 @@ def run_name(cfg: C.RunConfig) -> str:
     return p.parent.name if p.stem == "config" else p.stem
 
 
+#: Which stages read each config field, stated once: every stage key is made of exactly the fields listed
+#: for it (:func:`stage_config`), the digests of the files those fields name, and its upstream stores' keys
+#: (:func:`upstream`), so an edit re-keys the stages that read the field and everything downstream of them,
+#: and nothing else.  A ``section`` entry covers the section's keys without an entry of their own; an entry
+#: ``section.key.sub`` names stages that read only that part of each table of a list (e.g. the h k l of
+#: ``refine.reflections``, which the IAM table lists).  Fields no stage reads (``run.name`` names the
+#: results folder; ``pattern.data_source`` says where to fetch missing data) enter no key, so editing them
+#: recomputes nothing.  ``coarse`` and the PSF start: the coarse stage matches LARBED disks with the PSF.
+READS: dict[str, tuple[str, ...]] = {
+    "crystal": ("roi", "iam", "coarse", "fine"),          # the cell (roi: tilt scale) and the structure
+    "microscope": ("roi", "coarse", "fine"),              # zone, axes: the pattern geometry
+    "microscope.hv_kV": ("roi", "iam", "coarse", "fine"),  # the wavelength; the IAM's relativistic factor
+    "simulation": ("coarse", "fine"),                     # thickness, beam selection, solver, beam probe
+    "simulation.scattering_table": ("iam", "coarse", "fine"),
+    "simulation.absorption": ("iam", "coarse", "fine"),
+    "simulation.absorption_fraction": ("iam", "coarse", "fine"),
+    "pattern": ("load",),
+    "pattern.kind": ("load", "roi", "coarse", "fine"),    # the pattern geometry's kind
+    "pattern.detector": ("load", "variance", "fine"),     # deconvolution noise, variance map, metric
+    "pattern.data_source": (),
+    "geometry": ("roi", "coarse", "fine"),
+    "roi": ("roi",),
+    "roi.disks": ("roi", "iam", "coarse"),                # the IAM lists them; coarse's default disks
+    "refine": ("fine",),
+    "refine.reflections.hkl": ("iam",),
+    "refine.psf_sigma": ("coarse", "fine"),
+    "refine.psf_gamma": ("coarse", "fine"),
+    "coarse": ("coarse",),
+    "run": (),
+}
+#: file fields whose value is only a path: they enter a key through their content digest (:func:`digests`),
+#: so a data folder moved or a file renamed with the same bytes recomputes nothing
+_PATH_FIELDS = ("crystal.file", "pattern.file", "pattern.files", "pattern.variance", "pattern.mask",
+                "pattern.hkl_file")
+#: fine-stage fields the checkpoints do not depend on (each outer iteration is the same step whatever the
+#: limit, and the Gauss-Newton polish follows them): a run given more iterations continues from them
+_BUDGET_FIELDS = ("refine.max_iterations", "refine.gauss_newton_steps")
+
+
+def readers(field_path: str) -> tuple[str, ...]:
+    """The stages that read a config field (``section.key``, or a file field of :func:`input_files`), from
+    :data:`READS`: its own entry, else its section's.  KeyError for a section the table does not know."""
+    if field_path in READS:
+        return READS[field_path]
+    parts = field_path.split(".")
+    for n in range(len(parts) - 1, 0, -1):
+        head = ".".join(parts[:n])
+        if head in READS:
+            return READS[head]
+    raise KeyError(field_path)
+
+
+def _project(value, sub: str):
+    """The part ``sub`` of each table of a list (``refine.reflections`` -> their ``hkl``)."""
+    if isinstance(value, list):
+        return [x.get(sub) if isinstance(x, dict) else None for x in value]
+    return value.get(sub) if isinstance(value, dict) else None
+
+
+def stage_config(data: dict, stage: str) -> dict:
+    """{field: value} of every config field ``stage`` reads (:data:`READS`), path-only file fields left to
+    their digests."""
+    out = {}
+    for s, table in data.items():
+        if not isinstance(table, dict):
+            continue
+        for k, v in table.items():
+            f = f"{s}.{k}"
+            if f in _PATH_FIELDS:
+                continue
+            if stage in readers(f):
+                out[f] = v
+                continue
+            for sub, stages in READS.items():
+                if sub.startswith(f + ".") and stage in stages:
+                    out[sub] = _project(v, sub[len(f) + 1:])
+    return out
+
+
+def upstream(cfg: C.RunConfig, stage: str) -> tuple[str, ...]:
+    """The stores ``stage`` reads: their keys enter its key (Merkle chain).  coarse reads roi (the beam probe
+    runs at the ROI's tilts); iam reads coarse when coarse.refine refines the voltage, cell or B."""
+    co = ("coarse",) if coarse_enabled(cfg) else ()
+    return {"load": (), "roi": ("load",), "variance": ("load",), "coarse": ("load", "roi"),
+            "iam": co if coarse_refines_physics(cfg) else (),
+            "fine": ("load", "roi", "variance") + co, "report": ("fine", "iam") + co}[stage]
+
+
+def _key_parts(cfg: C.RunConfig, d: dict, stage: str, keys: dict) -> dict:
+    # a file enters by its bytes; by its name too only in pattern.files, whose names may carry the h k l
+    files = {f: (rows if f == "pattern.files" else [sha for _, sha in rows])
+             for f, rows in sorted(d.items()) if stage in readers(f)}
+    return {"config": stage_config(cfg.data, stage), "files": files, "upstream": {u: keys[u] for u in upstream(cfg, stage)}}
+
+
 def make_plan(cfg: C.RunConfig, results_dir, run_dir=None) -> Plan:
+    """Every enabled stage's key, from the fields it reads (:data:`READS`), the digests of its files and
+    its upstream keys; computed before anything runs."""
     d = digests(cfg)
-    sec = cfg.section
-    crystal = {"crystal": sec("crystal"), "crystal_files": d.get("crystal.file")}
-    physics = {**crystal, "microscope": sec("microscope"),
-               "simulation": {k: v for k, v in sec("simulation").items() if k in _SIM_PHYSICS}}
-    full_physics = {**crystal, "microscope": sec("microscope"), "simulation": sec("simulation")}
-    load_files = {k: v for k, v in d.items() if k.startswith("pattern.")}
-    keys = {}
-    # data_source only says where to get the files: not part of what is computed
-    pattern = {k: v for k, v in sec("pattern").items() if k != "data_source"}
-    keys["load"] = stage_key("load", {"pattern": pattern, "files": load_files})
-    keys["roi"] = stage_key("roi", {**crystal, "microscope": sec("microscope"), "geometry": sec("geometry"),
-                                    "roi": sec("roi"),
-                                    "table": sec("simulation").get("scattering_table", "peng"), "load": keys["load"]})
-    keys["variance"] = stage_key("variance", {"detector": sec("pattern").get("detector"), "load": keys["load"]})
-    if coarse_enabled(cfg):
-        keys["coarse"] = stage_key("coarse", {**full_physics, "coarse": sec("coarse"), "geometry": sec("geometry"),
-                                              "disks": sec("roi").get("disks"), "load": keys["load"]})
-    iam_parts = {**physics, "reflections": sec("refine").get("reflections"), "disks": sec("roi").get("disks")}
-    if coarse_refines_physics(cfg):  # the IAM of the refined voltage, cell and B
-        iam_parts["coarse"] = keys["coarse"]
-    keys["iam"] = stage_key("iam", iam_parts)
-    fine_parts = {**full_physics, "refine": sec("refine"), "refine_files": d.get("refine.gof"),
-                  "load": keys["load"], "roi": keys["roi"], "variance": keys["variance"]}
-    if "coarse" in keys:
-        fine_parts["coarse"] = keys["coarse"]
-    trace_key = None
-    if sec("refine"):
-        keys["fine"] = stage_key("fine", fine_parts)
-        # the checkpoints do not depend on the iteration budget (each outer iteration is the same step
-        # whatever the limit) nor on the Gauss-Newton polish that follows them: a run given more (or
-        # fewer) iterations, or polish steps, continues from them
-        budgetless = {**fine_parts, "refine": {k: v for k, v in sec("refine").items()
-                                               if k not in ("max_iterations", "gauss_newton_steps")}}
-        trace_key = stage_key("fine-trace", budgetless)
-        keys["report"] = stage_key("report", {"fine": keys["fine"], "iam": keys["iam"], "coarse": keys.get("coarse")})
+    enabled = [s for s in STAGES_COARSE_PHYSICS if (s != "coarse" or coarse_enabled(cfg))
+               and (s not in ("fine", "report") or cfg.section("refine"))]
+    keys, trace_key = {}, None
+    for s in enabled:  # STAGES_COARSE_PHYSICS: every stage after the stores it reads
+        parts = _key_parts(cfg, d, s, keys)
+        keys[s] = stage_key(s, parts)
+        if s == "fine":
+            parts["config"] = {f: v for f, v in parts["config"].items() if f not in _BUDGET_FIELDS}
+            trace_key = stage_key("fine-trace", parts)
     run_dir = Path(results_dir) / run_name(cfg) if run_dir is None else Path(run_dir)
     return Plan(cfg=cfg, run_dir=run_dir, keys=keys, digests=d, trace_key=trace_key,
                 order=STAGES_COARSE_PHYSICS if coarse_refines_physics(cfg) else STAGES)
