@@ -1101,38 +1101,65 @@ class RunStatus:
     gof: float | None = None
     gof_name: str | None = None
     note: str = ""
+    config_changed: bool = False  # the config file differs from the text recorded in run.json
+
+
+def current_config(rec: dict) -> tuple[C.RunConfig, str]:
+    """The config a run folder is judged by now: its file (``config_path`` of run.json) re-read, else the text
+    recorded in run.json.  Returns (config, note): the note says when the file changed since the run, or
+    why the recorded text is used ("" when the file is as recorded)."""
+    path = Path(rec["config_path"])
+    recorded = C.RunConfig(path, tomllib_loads(rec["config_text"]))
+    try:
+        text = path.read_text()
+    except OSError:
+        return recorded, f"config {path} is gone; compared with the config recorded in {RUN_RECORD}"
+    if text == rec["config_text"]:
+        return recorded, ""
+    try:
+        now = C.RunConfig(path, tomllib_loads(text))
+    except ValueError as exc:
+        return recorded, f"config {path} changed since the run and cannot be read ({exc}); compared with the recorded one"
+    return now, f"config {path} changed since the run; stages compared with it as it is now"
 
 
 def run_status(run_dir: Path) -> RunStatus:
-    """Stages done/stale/pending of a run folder (keys recomputed from its config when it still exists)."""
+    """Stages done/stale/pending of a run folder, judged by its config file as it is now (:func:`current_config`):
+    a store whose key the current config and input files no longer give is "stale", whatever run.json says.
+    The last checkpoint is shown only when it belongs to the current fine stage."""
     import zarr
 
     run_dir = Path(run_dir)
     st = RunStatus(run_dir, running=is_locked(run_dir))
     rec_path = run_dir / RUN_RECORD
     plan = None
+    notes = []
     if rec_path.exists():
         try:
             rec = json.loads(rec_path.read_text())
-            cfg = C.RunConfig(Path(rec["config_path"]), tomllib_loads(rec["config_text"]))
+            cfg, note = current_config(rec)
+            if note:
+                notes.append(note)
+                st.config_changed = "changed" in note
             try:
                 plan = make_plan(cfg, run_dir.parent, run_dir=run_dir)
             except QcbedInputError as exc:
-                st.note = f"inputs changed or missing ({exc}); showing the stored keys"
+                notes.append(f"inputs changed or missing ({exc}); showing the stored keys")
                 plan = Plan(cfg, run_dir, rec.get("stage_keys", {}), {})
         except (OSError, ValueError, KeyError) as exc:
-            st.note = f"unreadable {RUN_RECORD}: {exc}"
+            notes.append(f"unreadable {RUN_RECORD}: {exc}")
+    st.note = "; ".join(notes)
     for s in STAGES:
         if plan is not None and s in plan.keys:
             st.stages[s] = store_state(plan, s)
         elif (run_dir / STORES[s]).exists():
             st.stages[s] = "present"
     tr = run_dir / TRACE
-    if tr.exists():
+    if tr.exists() and plan is not None and plan.trace_key is not None:
         try:
             g = zarr.open_group(str(tr), mode="r")
             n = int(g.attrs.get("n_committed", 0))
-            if n:
+            if n and g.attrs.get("stage_key") == plan.trace_key:
                 st.last_iteration = int(g["iteration"][n - 1])
                 st.gof = float(g["gof"][n - 1])
                 st.gof_name = g.attrs.get("gof_name")
@@ -1146,6 +1173,12 @@ def run_status(run_dir: Path) -> RunStatus:
         except (OSError, ValueError, KeyError):
             pass
     return st
+
+
+def result_is_current(plan: Plan) -> bool:
+    """The run's refinement and report are those of this plan's config and files (their stores carry its keys),
+    so a summary may present them."""
+    return all(s in plan.keys and store_state(plan, s) == "done" for s in ("fine", "report"))
 
 
 def tomllib_loads(text: str) -> dict:

@@ -218,3 +218,32 @@ def test_the_table_and_the_expectations_cover_every_schema_field():
         for k in table.keys:
             P.readers(f"{s}.{k}")  # KeyError: a field no entry of pipeline.READS covers
             assert _expected(f"{s}.{k}", {"coarse": {"enabled": True}}) is not None
+
+
+@pytest.mark.slow
+def test_status_and_summary_judge_by_the_config_as_it_is_now(tmp_path, capsys):
+    """After a config edit, ``qcbed status`` names the stale stages and the changed config (not "finished"
+    from run.json), and ``run --until variance`` does not print the earlier refinement as its summary."""
+    from flows.cli import main
+    from stages.synthetic import write_small_larbed_run
+
+    cfg = write_small_larbed_run(tmp_path / "cfg", "tiny", seed=2, size=16, roi_half=4, max_iterations=3)
+    results = tmp_path / "results"
+    plan = P.make_plan(C.load_config(cfg), results)
+    P.run_all(plan, say=lambda m: None)
+    P.write_run_record(plan)
+    assert main(["status", str(results)]) == 0
+    assert "tiny: finished" in capsys.readouterr().out
+
+    text = cfg.read_text()
+    assert "max_iterations = 3" in text
+    cfg.write_text(text.replace("max_iterations = 3", "max_iterations = 4"))
+    assert main(["status", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "finished" not in out and "fine stale" in out and "report stale" in out and "variance done" in out
+    assert "stale (fine, report: the config changed since the run" in out and "changed since the run" in out
+    assert "last checkpoint: iteration 3" in out  # the checkpoints do not depend on the iteration budget
+
+    assert main(["run", str(cfg), "--results", str(results), "--until", "variance"]) == 0
+    out = capsys.readouterr().out
+    assert "no current refinement: fine and report" in out and "±" not in out
