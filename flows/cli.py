@@ -653,10 +653,22 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    import warnings
+
+    from stages.config import QcbedInputWarning
     from stages.errors import QcbedInputError
 
     try:
-        return args.func(args)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always", QcbedInputWarning)
+            try:
+                return args.func(args)
+            finally:  # a config warning is one line, as an error is, once (the config is validated more than once)
+                for text in dict.fromkeys(str(w.message) for w in seen if issubclass(w.category, QcbedInputWarning)):
+                    print(f"qcbed: warning: {text}", file=sys.stderr)
+                for w in seen:
+                    if not issubclass(w.category, QcbedInputWarning):
+                        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     except QcbedInputError as exc:
         print(f"qcbed: error: {exc}", file=sys.stderr)
         return 2

@@ -418,3 +418,36 @@ def test_larbed_psf_start_must_fit_the_padding(tmp_path):
     skew = text.replace("[-10.0, 10.0]], samples", "[0.0, 7.3205]], samples")
     (err,) = _errors(_write(tmp_path, skew.replace("padding = 9", "padding = 6"))).errors
     assert err.field == "roi.padding" and "at least 7," in err.fix  # 6.93 >= 6.64 > 6.08 (padding 6)
+
+
+# ----------------------------------------------------------------------------- disks at absences, zone, zero IAM
+def test_disk_at_a_centring_absence_is_refused_glide_absence_warned(run_dir):
+    """(0 0 1) of Si is absent by the F centring: no beam exists, the disk is mislabelled (refused);
+    (0 0 2) is absent by the d glide only and excited by double diffraction (a warning)."""
+    from stages.config import QcbedInputWarning
+
+    bad = CBED.replace("disks = [[0, 0, 0], [1, -1, -1]]", "disks = [[0, 0, 0], [0, 0, 1]]")
+    (err,) = _errors(_write(run_dir, bad)).errors
+    assert err.field == "roi.disks[1]" and "lattice centring" in err.problem and "h k l" in err.fix
+    glide = CBED.replace("disks = [[0, 0, 0], [1, -1, -1]]", "disks = [[0, 0, 0], [0, 0, 2]]")
+    with pytest.warns(QcbedInputWarning, match=r"roi.disks\[1\]: 0 0 2 is kinematically absent"):
+        validate_config(_write(run_dir, glide))
+
+
+def test_larbed_image_outside_the_zone_is_refused(tmp_path):
+    text = (DATA / "si_larbed" / "config.toml").read_text().replace('file = "../si.cif"', f'file = "{DATA / "si.cif"}"')
+    for name in ("si_larbed.npy", "si_larbed_variance.npy"):
+        (tmp_path / name).symlink_to(DATA / "si_larbed" / name)
+    assert "[-2, 2, 2]]" in text
+    (err,) = _errors(_write(tmp_path, text.replace("[-2, 2, 2]]", "[1, 1, 1]]"))).errors
+    assert err.field == "pattern.hkl[4]" and "1 1 1 is outside the zone [1 1 0] (g . zone = 2)" in err.problem
+    assert "microscope.zone" in err.fix
+
+
+def test_range_percent_of_a_zero_iam_value_is_refused(run_dir):
+    """U(2 2 2) of Si is zero in the IAM: ± 5 % of it is an empty range (was silently ± 2e-3)."""
+    zero = CBED.replace("hkl = [1, -1, -1], refine", "hkl = [2, -2, -2], refine")
+    (err,) = _errors(_write(run_dir, zero)).errors
+    assert err.field == "refine.reflections[0].range_percent" and "starts at 0" in err.problem
+    assert "U_range = [low, high]" in err.fix
+    validate_config(_write(run_dir, zero.replace("range_percent = 5", "U_range = [-0.002, 0.001]")))
