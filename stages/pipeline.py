@@ -291,6 +291,13 @@ def _key_parts(cfg: C.RunConfig, d: dict, stage: str, keys: dict) -> dict:
     return {"config": stage_config(cfg.data, stage), "files": files, "upstream": {u: keys[u] for u in upstream(cfg, stage)}}
 
 
+def report_stage_key(fine: str, iam: str | None, coarse: str | None = None) -> str:
+    """The report's key: of the stores it reads only (it reads no config field), so that
+    :func:`stages.report.report_key` finds it again from a run folder's stores alone."""
+    return stage_key("report", {"config": {}, "files": {},
+                                "upstream": {"fine": fine, "iam": iam, **({"coarse": coarse} if coarse else {})}})
+
+
 def make_plan(cfg: C.RunConfig, results_dir, run_dir=None) -> Plan:
     """Every enabled stage's key, from the fields it reads (:data:`READS`), the digests of its files and
     its upstream keys; computed before anything runs."""
@@ -299,6 +306,9 @@ def make_plan(cfg: C.RunConfig, results_dir, run_dir=None) -> Plan:
                and (s not in ("fine", "report") or cfg.section("refine"))]
     keys, trace_key = {}, None
     for s in enabled:  # STAGES_COARSE_PHYSICS: every stage after the stores it reads
+        if s == "report":
+            keys[s] = report_stage_key(keys["fine"], keys["iam"], keys.get("coarse"))
+            continue
         parts = _key_parts(cfg, d, s, keys)
         keys[s] = stage_key(s, parts)
         if s == "fine":
@@ -522,10 +532,15 @@ def compute_coarse(plan: Plan) -> xr.Dataset:
     stages use (``refined_model``)."""
     from .coarse import SIGMA_UNDEFINED, coarse_disk_shifts, coarse_gl, coarse_orientation_thickness
 
+    t_stage = time.perf_counter()
     cfg = plan.cfg
     c = cfg.section("coarse")
     pattern = open_store(plan.store("load"))
     model, probe = sized_model(plan, "coarse")
+    # the beam probe is the stage's first sub-step: its solves and time are the stage's too
+    probe_step = {"eigen_solves": int(probe.get("eigen_solves", 0)), "wall_s": float(probe.get("wall_s", 0.0)),
+                  "counters": {"eigen_solves": int(probe.get("eigen_solves", 0)),
+                               "tilts_solved": int(probe.get("tilts_solved", 0)), "wall_s": float(probe.get("wall_s", 0.0))}}
     phys = C.coarse_physics(cfg, model.crystal)
     if phys.needs_holz and probe.get("laue_zones") != "holz":
         raise QcbedInputError("coarse.refine", f"{' and '.join(x for x in phys.refine if x != 'B')} is measured by the "
@@ -545,7 +560,7 @@ def compute_coarse(plan: Plan) -> xr.Dataset:
     background = str(c.get("background", "per_disk"))
     kw = dict(radius_px=radius, background=background, psf_px=psf)
     res = coarse_orientation_thickness(model, pg, pattern, disks, box, search, bracket, step, **kw)
-    steps = {"orientation_thickness": _coarse_summary(res)}
+    steps = {"beam_probe": probe_step, "orientation_thickness": _coarse_summary(res)}
     fit_gl, align = bool(c.get("fit_gl", False)), bool(c.get("align_disks", False))
 
     def gl_round(res, name):
@@ -578,7 +593,8 @@ def compute_coarse(plan: Plan) -> xr.Dataset:
     attrs = {"thickness_A": float(res.thickness_A), "thickness_start_A": float(t0),
              "thickness_bracket_A": [float(x) for x in bracket], "ncc": float(res.ncc), "shift_px": list(res.shift_px),
              "geometry": json.dumps(res.geometry.as_dict()), "at_edge": int(res.at_edge),
-             "at_bound": int(res.at_bound), "counters": json.dumps(_coarse_counters(steps, res)),
+             "at_bound": int(res.at_bound),
+             "counters": json.dumps(_coarse_counters(steps, time.perf_counter() - t_stage)),
              "steps": json.dumps(steps), "beam_probe": json.dumps(probe),
              "physics": json.dumps(rows), "refined_model": json.dumps(refined)}
     if rows:
@@ -593,11 +609,21 @@ def compute_coarse(plan: Plan) -> xr.Dataset:
     return ds
 
 
-def _coarse_counters(steps: dict, res) -> dict:
-    """The last step's counters, with ``eigen_solves`` and ``wall_s`` summed over every step of the stage."""
-    out = dict(res.counters)
+def _coarse_counters(steps: dict, stage_wall_s: float) -> dict:
+    """The stage's counters: every counter summed over every sub-step (beam probe, thickness and orientation,
+    gl, disk alignment, the physics fits, the final thickness and orientation), ``wall_s`` the sum of the
+    sub-steps' times and ``stage_wall_s`` the whole stage's (with reading the stores); ``by_step`` the
+    eigen-solves and time of each.  (A sub-step's own counters start at zero: a sum never counts twice.)"""
+    out: dict = {}
+    for st in steps.values():
+        for k, v in (st.get("counters") or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[k] = out.get(k, 0) + v
     out["eigen_solves"] = int(sum(st.get("eigen_solves", 0) for st in steps.values()))
     out["wall_s"] = float(sum(st.get("wall_s", 0.0) for st in steps.values()))
+    out["stage_wall_s"] = float(stage_wall_s)
+    out["by_step"] = {name: {"eigen_solves": int(st.get("eigen_solves", 0)), "wall_s": float(st.get("wall_s", 0.0))}
+                      for name, st in steps.items()}
     return out
 
 
@@ -652,7 +678,8 @@ def _coarse_summary(res) -> dict:
     """One coarse step's outcome for the store's ``steps`` attribute (JSON)."""
     return {"thickness_A": float(res.thickness_A), "ncc": float(res.ncc), "gl_px": float(res.geometry.gl_px),
             "ncc_per_disk": [float(x) for x in res.ncc_per_disk], "params": res.as_dict()["params"],
-            "eigen_solves": int(res.counters.get("eigen_solves", 0)), "wall_s": float(res.counters.get("wall_s", 0.0))}
+            "eigen_solves": int(res.counters.get("eigen_solves", 0)), "wall_s": float(res.counters.get("wall_s", 0.0)),
+            "counters": dict(res.counters)}
 
 
 def _geometry_from_json(model, text: str):

@@ -349,12 +349,24 @@ def test_coarse_stage_feeds_fine(small, tmp_path):
     t = co.attrs["thickness_A"]
     assert abs(t / 900.0 - 1) < 0.02 and co.attrs["ncc"] > 0.9  # truth 900 Å; config starts at 918 Å
     assert co.attrs["thickness_start_A"] == C.thickness_of(plan.cfg) and co.attrs["thickness_bracket_A"] == [700.0, 1100.0]
+    # the counters are the whole stage's: every sub-step's solves and time, the beam probe's included
+    cc, steps = json.loads(co.attrs["counters"]), json.loads(co.attrs["steps"])
+    probe = json.loads(co.attrs["beam_probe"])
+    assert list(cc["by_step"]) == list(steps) == ["beam_probe", "orientation_thickness"]
+    assert cc["by_step"]["beam_probe"]["eigen_solves"] == probe["eigen_solves"] > 0
+    assert cc["eigen_solves"] == sum(v["eigen_solves"] for v in cc["by_step"].values()) == probe["eigen_solves"] + 1
+    assert cc["tilts_solved"] == probe["tilts_solved"] + steps["orientation_thickness"]["counters"]["tilts_solved"]
+    assert cc["wall_s"] == pytest.approx(sum(v["wall_s"] for v in cc["by_step"].values()))
+    assert cc["stage_wall_s"] >= cc["wall_s"] >= probe["wall_s"] > 0
+    res = json.loads((plan.run_dir / "report" / "results.json").read_text())
+    assert res["coarse"]["eigen_solves"] == cc["eigen_solves"] and res["coarse"]["wall_s"] == cc["stage_wall_s"]
     fine = xr.open_zarr(plan.store("fine"), consolidated=False)
     g0 = float(fine.start.sel(param="thickness"))
     assert g0 == pytest.approx(t)
     # the report says where the fine stage's start came from: config thickness -> coarse
     md = (plan.run_dir / "report" / "report.md").read_text()
     assert "thickness at the start (config), bracket searched" in md and "from the coarse stage (thickness" in md
+    assert "coarse eigen-solves (every sub-step): beam probe" in md
     cfg.write_text(cfg.read_text().replace("search_px = 1.0", "search_px = 2.0"))
     plan2 = _plan(cfg, tmp_path)
     assert {s for s in plan.stages if plan.keys[s] != plan2.keys[s]} == {"coarse", "fine", "report"}
