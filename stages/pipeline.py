@@ -832,6 +832,28 @@ class TraceStore:
         g.attrs["n_committed"] = n + 1
 
 
+def carried_counters(prev: dict | None) -> dict:
+    """The eigen-solves and wall time of the earlier sessions of a resumed fine stage.  The trace's
+    ``eigen_solves`` and ``wall_s`` columns are cumulative over sessions (each session adds these to its own),
+    so its last committed row holds them; what a killed session did after that row is redone by the
+    resumed one and counted there."""
+    if prev is None:
+        return {"eigen_solves": 0, "wall_s": 0.0}
+    return {"eigen_solves": int(prev["eigen_solves"][-1]), "wall_s": float(prev["wall_s"][-1])}
+
+
+def with_carried(counters: dict, carried: dict) -> dict:
+    """The fine counters of every session: this session's ``eigen_solves`` and ``total_s`` plus the earlier
+    sessions' (``carried``), which are kept apart too (``earlier_sessions``, ``*_this_session``)."""
+    out = dict(counters)
+    out["eigen_solves_this_session"] = int(counters.get("eigen_solves", 0))
+    out["total_s_this_session"] = float(counters.get("total_s", 0.0))
+    out["eigen_solves"] = int(carried["eigen_solves"]) + out["eigen_solves_this_session"]
+    out["total_s"] = float(carried["wall_s"]) + out["total_s_this_session"]
+    out["earlier_sessions"] = dict(carried)
+    return out
+
+
 def run_fine(plan: Plan, say=_say) -> dict:
     """Fine refinement with a checkpoint per outer iteration; resumes from ``fine_trace.zarr``."""
     from .fine import refine
@@ -848,6 +870,7 @@ def run_fine(plan: Plan, say=_say) -> dict:
     prev = trace.open(key)
     prefix = f"[{plan.run_dir.name}] fine"
     kw = {}
+    carried = carried_counters(prev)
     t_wall = time.perf_counter()
     if prev is not None:
         kw = {"start_simplex": prev["simplex"][-1], "start_fsim": prev["fsim"][-1],
@@ -866,8 +889,9 @@ def run_fine(plan: Plan, say=_say) -> dict:
             say(f"{prefix}: start {problem.gof.name} {gof0:.6g} (thickness {problem.thickness0:.1f} Å)")
 
     def checkpoint(it, simplex, fsim, best):
-        trace.append({"iteration": it, "gof": float(fsim[0]), "wall_s": time.perf_counter() - t_wall,
-                      "eigen_solves": problem.counters["eigen_solves"], "best": np.asarray(best, float),
+        trace.append({"iteration": it, "gof": float(fsim[0]), "wall_s": carried["wall_s"] + time.perf_counter() - t_wall,
+                      "eigen_solves": carried["eigen_solves"] + problem.counters["eigen_solves"],
+                      "best": np.asarray(best, float),
                       "simplex": np.asarray(simplex, float), "fsim": np.asarray(fsim, float)})
         vals = " ".join(f"{n}={v:.6g}" for n, v in zip(names, best))
         say(f"{prefix}: iteration {it:4d}  {problem.gof.name} {fsim[0]:.6g}  {vals}")
@@ -880,6 +904,7 @@ def run_fine(plan: Plan, say=_say) -> dict:
     res = refine(problem, max_iterations=int(r.get("max_iterations", 200)), xatol=float(r.get("xatol", 1e-4)),
                  initial_step=float(r.get("initial_step", 0.1)), callback=checkpoint, on_start=started,
                  gauss_newton_steps=int(r.get("gauss_newton_steps", 0)), on_gauss_newton=polished, **kw)
+    res.counters = with_carried(res.counters, carried)
     full = trace.open(key)
     ds = fine_dataset(problem, res, full, resumed_from=kw.get("start_iteration"))
     write_store(_with_key(ds, plan, "fine", r), plan.store("fine"))
@@ -924,12 +949,13 @@ def _run_fine_lm(plan: Plan, problem, key: str, say=_say) -> dict:
     gnames = problem.geometry_names
     prev = trace.open(key)
     prefix = f"[{plan.run_dir.name}] fine"
+    carried = carried_counters(prev)
     t_wall = time.perf_counter()
     state, gof_start = None, None
     if prev is not None:
         state = {"step": int(prev["iteration"][-1]), "values": prev["best"][-1], "lam": float(prev["lam"][-1]),
                  "geometry": dict(zip(gnames, prev["geometry"][-1].tolist())), "accepted": int(prev["accepted"][-1])}
-        # the fine stage's own counters (eigen-solves, steps) restart in this process
+        # this process counts from zero; the earlier sessions' eigen-solves and time are carried (carried_counters)
         gof_start = float(prev["attrs"]["gof_start"])
         say(f"{prefix}: resuming after Levenberg-Marquardt step {state['step']} ({problem.gof.name} {prev['gof'][-1]:.6g})")
     else:
@@ -946,8 +972,9 @@ def _run_fine_lm(plan: Plan, problem, key: str, say=_say) -> dict:
             say(f"{prefix}: start {problem.gof.name} {gof0:.6g} (thickness {problem.thickness0:.1f} Å)")
 
     def checkpoint(k, v, g, lam, f, n_acc):
-        trace.append({"iteration": k, "gof": f, "wall_s": time.perf_counter() - t_wall,
-                      "eigen_solves": problem.counters["eigen_solves"], "best": np.asarray(v, float),
+        trace.append({"iteration": k, "gof": f, "wall_s": carried["wall_s"] + time.perf_counter() - t_wall,
+                      "eigen_solves": carried["eigen_solves"] + problem.counters["eigen_solves"],
+                      "best": np.asarray(v, float),
                       "simplex": np.asarray(v, float)[None], "fsim": np.array([f]),
                       "geometry": np.array([g[n] for n in gnames] or [0.0], float), "lam": lam, "accepted": n_acc})
         vals = " ".join(f"{n}={x:.6g}" for n, x in zip(names, v))
@@ -961,6 +988,7 @@ def _run_fine_lm(plan: Plan, problem, key: str, say=_say) -> dict:
 
     res = levenberg_marquardt(problem, max_steps=int(r.get("max_iterations", 200)), callback=checkpoint,
                               on_start=started, state=state, gof_start=gof_start, on_proposal=proposal)
+    res.counters = with_carried(res.counters, carried)
     full = trace.open(key)
     resumed = None if state is None else state["step"]
     ds = fine_dataset(problem, res, full, resumed_from=resumed)

@@ -112,8 +112,18 @@ def test_checkpoint_resume_is_exact(small, tmp_path):
     assert not part.store("fine").exists()
     tr = P.TraceStore(part.run_dir / P.TRACE).open(part.trace_key)
     assert tr["iteration"].tolist() == [1, 2]
+    first_session = {"eigen_solves": int(tr["eigen_solves"][-1]), "wall_s": float(tr["wall_s"][-1])}
     lines.clear()
     assert P.run_stage(part, "fine", say=lines.append) == "resumed"
+    # the counters add up across the two sessions: the trace is cumulative, fine.zarr sums them
+    tr = P.TraceStore(part.run_dir / P.TRACE).open(part.trace_key)
+    assert np.all(np.diff(tr["eigen_solves"]) >= 0) and np.all(np.diff(tr["wall_s"]) > 0)
+    cb = json.loads(xr.open_zarr(part.store("fine"), consolidated=False).attrs["counters"])
+    ca = json.loads(xr.open_zarr(full.store("fine"), consolidated=False).attrs["counters"])
+    assert cb["earlier_sessions"] == first_session and first_session["eigen_solves"] > 0
+    assert cb["eigen_solves"] == first_session["eigen_solves"] + cb["eigen_solves_this_session"] >= ca["eigen_solves"]
+    assert cb["total_s"] == pytest.approx(first_session["wall_s"] + cb["total_s_this_session"])
+    assert ca["earlier_sessions"] == {"eigen_solves": 0, "wall_s": 0.0} and ca["eigen_solves"] == ca["eigen_solves_this_session"]
     assert any("resuming after iteration 2" in m for m in lines)
     assert any("iteration    3" in m for m in lines)
     a = xr.open_zarr(full.store("fine"), consolidated=False)
@@ -436,6 +446,10 @@ def test_levenberg_marquardt_run_resumes_exactly(small, tmp_path):
     # + 4 tile solves of the model gradient for the sampling-geometry errors (fine.model_geometry_columns)
     assert c["eigen_solves"] - c.get("eigen_solves_sigma", 0) == c["eigen_solves_start"] + c["lm_steps"] == 2 + c["lm_steps"]
     assert c.get("eigen_solves_sigma", 0) in (0, 4)
+    # resumed: the first session's solves (to its step-1 checkpoint) are carried and summed
+    cb = json.loads(b.attrs["counters"])
+    assert cb["earlier_sessions"]["eigen_solves"] == int(tr["eigen_solves"][-1]) >= 3
+    assert cb["eigen_solves"] == cb["earlier_sessions"]["eigen_solves"] + cb["eigen_solves_this_session"] >= c["eigen_solves"]
 
 
 def test_coarse_voltage_is_refined_recorded_and_used(tmp_path):
