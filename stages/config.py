@@ -416,29 +416,35 @@ def coarse_physics(cfg: RunConfig, crystal) -> CoarsePhysics:
 
 def check_disk_reflections(cfg: RunConfig, crystal) -> list[str]:
     """The reflections the config names as disks or images (roi.disks, coarse.disks, a LARBED pattern.hkl),
-    checked against the crystal and the zone; returns the warnings, raises a QcbedInputError for a refusal.
+    checked by :func:`check_reflections`; returns the warnings, raises a QcbedInputError for a refusal.
+    (LARBED h k l from hkl_file or the file names are checked when the pattern is loaded, stage roi.)"""
+    pat = cfg.section("pattern")
+    named = [(f"roi.disks[{i}]", h, False) for i, h in enumerate(cfg.section("roi").get("disks", []))]
+    named += [(f"coarse.disks[{i}]", h, False) for i, h in enumerate(cfg.section("coarse").get("disks", []))]
+    if pat.get("kind") == "larbed":
+        named += [(f"pattern.hkl[{i}]", h, True) for i, h in enumerate(pat.get("hkl", []))]
+    return check_reflections(crystal, cfg.section("microscope").get("zone", (0, 0, 0)), named)
 
-    * Absent by the lattice centring (e.g. (1 0 0) of Si, F-centred): refused.  No beam travels there, in any
+
+def check_reflections(crystal, zone, named) -> list[str]:
+    """``named``: (field, h k l, is a LARBED image).  Returns the warnings; raises for the first refusal.
+
+    * Absent by the lattice centring (e.g. (0 0 1) of Si, F-centred): refused.  No beam travels there, in any
       model, so a disk or an image labelled so is a mislabelled one (a sign, an index, or another crystal).
-    * Absent by a glide or screw (e.g. (2 0 0) of Si): a warning only.  Its kinematic amplitude is zero but it
+    * Absent by a glide or screw (e.g. (0 0 2) of Si): a warning only.  Its kinematic amplitude is zero but it
       is excited dynamically (double diffraction), and its disk is a legitimate, sensitive measurement.
     * A LARBED image of a reflection outside the zero-order Laue zone (g . zone != 0): refused.  The images of a
       zone-axis LARBED scan are ZOLZ reflections; the pattern geometry places disks in the zone plane."""
     from .physics.structure_factors import absence_kind
 
-    zone = np.array(cfg.section("microscope").get("zone", (0, 0, 0)), int)
-    pat = cfg.section("pattern")
-    named = [(f"roi.disks[{i}]", h) for i, h in enumerate(cfg.section("roi").get("disks", []))]
-    named += [(f"coarse.disks[{i}]", h) for i, h in enumerate(cfg.section("coarse").get("disks", []))]
-    if pat.get("kind") == "larbed":
-        named += [(f"pattern.hkl[{i}]", h) for i, h in enumerate(pat.get("hkl", []))]
+    zone = np.array(zone, int)
     warnings = []
-    for f, h in named:
+    for f, h, image in named:
         hkl = tuple(int(x) for x in h)
         if not any(hkl):
             continue
         name = " ".join(map(str, hkl))
-        if f.startswith("pattern.hkl") and zone.any() and int(np.dot(hkl, zone)) != 0:
+        if image and zone.any() and int(np.dot(hkl, zone)) != 0:
             raise QcbedInputError(f, f"image {name} is outside the zone [{' '.join(map(str, zone))}] (g . zone = "
                                   f"{int(np.dot(hkl, zone))}): a zone-axis LARBED image is a zero-order Laue zone "
                                   "reflection", "check the image's h k l (signs, order) against microscope.zone")

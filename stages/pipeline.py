@@ -491,9 +491,22 @@ def compute_roi(plan: Plan) -> xr.Dataset:
     cfg = plan.cfg
     pattern = open_store(plan.store("load"))
     model = _model(cfg)
+    pat = cfg.section("pattern")
+    if pattern.attrs.get("kind") == "larbed" and "hkl" not in pat:  # h k l read from hkl_file or the file names
+        where = "pattern.hkl_file" if "hkl_file" in pat else "pattern.files"
+        named = [(f"{where} (image {i}: {n})", h, True) for i, (n, h) in enumerate(zip(
+            _image_names(pattern), np.stack([pattern.h.values, pattern.k.values, pattern.l.values], 1).tolist()))]
+        for w in C.check_reflections(model.crystal, model.zone, named):
+            _say(f"[{plan.run_dir.name}] roi: warning: {w}")
     pg = C.pattern_geometry(cfg, model)
     regions, padding = regions_from_config(cfg.section("roi"))
     return build_roi(pattern, pg, regions, C.roi_disks(cfg, pattern), padding, cfg.section("roi").get("disk_mask"))
+
+
+def _image_names(pattern: xr.Dataset) -> list[str]:
+    """The source file of each LARBED image (pattern.zarr ``files``: one per image), else its index."""
+    files, n = list(pattern.attrs.get("files", [])), int(pattern.sizes["disk"])
+    return [str(f) for f in files] if len(files) == n else [str(i) for i in range(n)]
 
 
 def compute_iam(plan: Plan) -> xr.Dataset:

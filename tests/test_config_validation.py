@@ -451,3 +451,28 @@ def test_range_percent_of_a_zero_iam_value_is_refused(run_dir):
     assert err.field == "refine.reflections[0].range_percent" and "starts at 0" in err.problem
     assert "U_range = [low, high]" in err.fix
     validate_config(_write(run_dir, zero.replace("range_percent = 5", "U_range = [-0.002, 0.001]")))
+
+
+def test_larbed_image_names_outside_the_zone_are_refused_when_loaded(tmp_path):
+    """h k l from the file names are known once the pattern is loaded: the roi stage refuses an image outside
+    the zone there, naming its file."""
+    from stages import pipeline as P
+
+    d = tmp_path / "run"
+    d.mkdir()
+    shutil.copy(DATA / "si.cif", tmp_path / "si.cif")
+    stack = np.load(DATA / "si_larbed" / "si_larbed.npy")
+    names = ["Si_+0+0+0.npy", "Si_+1-1-1.npy", "Si_+1+1+1.npy"]
+    for n, img in zip(names, stack):
+        np.save(d / n, img)
+    text = (DATA / "si_larbed" / "config.toml").read_text()
+    text = text.replace('file = "si_larbed.npy"\nhkl = [[0, 0, 0], [1, -1, -1], [-1, 1, 1], [2, -2, -2], [-2, 2, 2]]\n'
+                        'variance = "si_larbed_variance.npy"', 'files = "Si_*.npy"')
+    assert 'files = "Si_*.npy"' in text
+    cfg = validate_config(_write(d, text), require=("refine",))
+    plan = P.make_plan(cfg, tmp_path / "results")
+    P.run_stage(plan, "load", say=lambda m: None)
+    with pytest.raises(QcbedInputError) as info:
+        P.run_stage(plan, "roi", say=lambda m: None)
+    assert info.value.field == "pattern.files (image 1: Si_+1+1+1.npy)"
+    assert "outside the zone [1 1 0]" in info.value.problem
