@@ -360,7 +360,7 @@ def cmd_status(args) -> int:
             state = "finished"
         elif stale:
             state = (f"stale ({', '.join(stale)}: " + ("the config changed since the run" if st.config_changed else
-                                                      "inputs changed since the run") + "; qcbed run recomputes them)")
+                                                      "computed from an earlier config or inputs") + "; qcbed run recomputes them)")
         else:
             state = "incomplete"
         print(f"{d.name}: {state}")

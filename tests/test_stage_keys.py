@@ -247,3 +247,7 @@ def test_status_and_summary_judge_by_the_config_as_it_is_now(tmp_path, capsys):
     assert main(["run", str(cfg), "--results", str(results), "--until", "variance"]) == 0
     out = capsys.readouterr().out
     assert "no current refinement: fine and report" in out and "±" not in out
+    # run.json now records the edited config; the stale stages are still named (from an earlier config)
+    assert main(["status", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "stale (fine, report: computed from an earlier config or inputs" in out and "finished" not in out
