@@ -283,9 +283,20 @@ def _validate_all(sources) -> list:
     raise err
 
 
-def _print_results(run_dir: Path) -> None:
+def _print_results(plan) -> None:
+    """The refined values of a run, only when its fine and report stores are those of the config just run
+    (``run --until variance`` after an edit leaves an older refinement there: it is named stale, not shown)."""
+    from stages import pipeline as P
     from stages.report import summarize
 
+    run_dir = plan.run_dir
+    if not P.result_is_current(plan):
+        states = {s: P.store_state(plan, s) for s in ("fine", "report") if s in plan.keys}
+        old = [s for s, v in states.items() if v == "stale"]
+        if old:
+            print(f"[{run_dir.name}] no current refinement: {' and '.join(old)} in {run_dir} are of an earlier config "
+                  "or inputs (stale); run without --until to refresh them")
+        return
     try:
         s = summarize(run_dir)
     except FileNotFoundError:
@@ -307,7 +318,8 @@ def cmd_run(args) -> int:
     cfgs = _validate_all(args.config)
     from flows.pipeline import refine_many, refine_pattern
 
-    runs = [P.make_plan(c, args.results).run_dir for c in cfgs]
+    plans = [P.make_plan(c, args.results) for c in cfgs]
+    runs = [p.run_dir for p in plans]
     if len(set(runs)) != len(runs):
         from stages.errors import QcbedInputError
 
@@ -321,8 +333,8 @@ def cmd_run(args) -> int:
         out = refine_many([str(c) for c in args.config], str(args.results), args.dask_address,
                           min(args.workers, len(args.config)) if not args.dask_address else args.workers, args.until)
         failed = any("error" in v for v in out.values())
-    for r in runs:
-        _print_results(r)
+    for p in plans:
+        _print_results(p)
     print(f"finished in {time.perf_counter() - t0:.0f} s")
     return 1 if failed else 0
 
@@ -341,8 +353,16 @@ def cmd_status(args) -> int:
         return 0
     for d in runs:
         st = P.run_status(d)
-        state = f"RUNNING ({st.running})" if st.running else ("finished" if st.stages and all(
-            v == "done" for v in st.stages.values()) else "incomplete")
+        stale = [s for s, v in st.stages.items() if v == "stale"]
+        if st.running:
+            state = f"RUNNING ({st.running})"
+        elif st.stages and all(v == "done" for v in st.stages.values()):
+            state = "finished"
+        elif stale:
+            state = (f"stale ({', '.join(stale)}: " + ("the config changed since the run" if st.config_changed else
+                                                      "computed from an earlier config or inputs") + "; qcbed run recomputes them)")
+        else:
+            state = "incomplete"
         print(f"{d.name}: {state}")
         print("    " + "  ".join(f"{s} {v}" for s, v in st.stages.items()))
         if st.last_iteration is not None or st.gof is not None:
@@ -635,10 +655,22 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    import warnings
+
+    from stages.config import QcbedInputWarning
     from stages.errors import QcbedInputError
 
     try:
-        return args.func(args)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always", QcbedInputWarning)
+            try:
+                return args.func(args)
+            finally:  # a config warning is one line, as an error is, once (the config is validated more than once)
+                for text in dict.fromkeys(str(w.message) for w in seen if issubclass(w.category, QcbedInputWarning)):
+                    print(f"qcbed: warning: {text}", file=sys.stderr)
+                for w in seen:
+                    if not issubclass(w.category, QcbedInputWarning):
+                        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     except QcbedInputError as exc:
         print(f"qcbed: error: {exc}", file=sys.stderr)
         return 2

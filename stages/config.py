@@ -36,6 +36,7 @@ import math
 import os
 import re
 import tomllib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -66,6 +67,10 @@ COARSE_KEYS = {"enabled", "thickness_bracket_A", "box_px", "search_px", "step_px
                "fit_gl", "gl_bracket_px", "align_disks", "max_disk_shift_px",
                "refine", "hv_range_kV", "B_sites", "B_range_A2", "cell_range_percent"}
 RUN_KEYS = {"name"}
+
+
+class QcbedInputWarning(UserWarning):
+    """A config that runs but may not be what was meant (e.g. a disk at a glide/screw absence)."""
 
 
 @dataclass
@@ -407,6 +412,51 @@ def coarse_physics(cfg: RunConfig, crystal) -> CoarsePhysics:
         system, free, rel = _coarse_cell(cfg, crystal)
         out.update(crystal_system=system, cell_free=free, cell_rel=rel)
     return CoarsePhysics(**out)
+
+
+def check_disk_reflections(cfg: RunConfig, crystal) -> list[str]:
+    """The reflections the config names as disks or images (roi.disks, coarse.disks, a LARBED pattern.hkl),
+    checked by :func:`check_reflections`; returns the warnings, raises a QcbedInputError for a refusal.
+    (LARBED h k l from hkl_file or the file names are checked when the pattern is loaded, stage roi.)"""
+    pat = cfg.section("pattern")
+    named = [(f"roi.disks[{i}]", h, False) for i, h in enumerate(cfg.section("roi").get("disks", []))]
+    named += [(f"coarse.disks[{i}]", h, False) for i, h in enumerate(cfg.section("coarse").get("disks", []))]
+    if pat.get("kind") == "larbed":
+        named += [(f"pattern.hkl[{i}]", h, True) for i, h in enumerate(pat.get("hkl", []))]
+    return check_reflections(crystal, cfg.section("microscope").get("zone", (0, 0, 0)), named)
+
+
+def check_reflections(crystal, zone, named) -> list[str]:
+    """``named``: (field, h k l, is a LARBED image).  Returns the warnings; raises for the first refusal.
+
+    * Absent by the lattice centring (e.g. (0 0 1) of Si, F-centred): refused.  No beam travels there, in any
+      model, so a disk or an image labelled so is a mislabelled one (a sign, an index, or another crystal).
+    * Absent by a glide or screw (e.g. (0 0 2) of Si): a warning only.  Its kinematic amplitude is zero but it
+      is excited dynamically (double diffraction), and its disk is a legitimate, sensitive measurement.
+    * A LARBED image of a reflection outside the zero-order Laue zone (g . zone != 0): refused.  The images of a
+      zone-axis LARBED scan are ZOLZ reflections; the pattern geometry places disks in the zone plane."""
+    from .physics.structure_factors import absence_kind
+
+    zone = np.array(zone, int)
+    warnings = []
+    for f, h, image in named:
+        hkl = tuple(int(x) for x in h)
+        if not any(hkl):
+            continue
+        name = " ".join(map(str, hkl))
+        if image and zone.any() and int(np.dot(hkl, zone)) != 0:
+            raise QcbedInputError(f, f"image {name} is outside the zone [{' '.join(map(str, zone))}] (g . zone = "
+                                  f"{int(np.dot(hkl, zone))}): a zone-axis LARBED image is a zero-order Laue zone "
+                                  "reflection", "check the image's h k l (signs, order) against microscope.zone")
+        kind = absence_kind(crystal, hkl)
+        if kind == "centring":
+            raise QcbedInputError(f, f"reflection {name} is absent by the lattice centring of {crystal.spacegroup}: no "
+                                  "beam exists there, so no disk or image can be of it",
+                                  "check the h k l (a mislabelled disk or image, or another crystal)")
+        if kind == "glide/screw":
+            warnings.append(f"{f}: {name} is kinematically absent in {crystal.spacegroup} (glide or screw); its "
+                            "intensity comes from double diffraction only")
+    return warnings
 
 
 def fine_problem(cfg: RunConfig, model, pg, pattern, roi):
@@ -1133,6 +1183,9 @@ def validate_run_config(cfg: RunConfig, require: tuple[str, ...] = (), shown_as:
         crystal = _build(ctx, "crystal.file" if "file" in clean.section("crystal") else "crystal", lambda: crystal_of(clean))
     if crystal is not None and "microscope" in data:
         model = _build(ctx, "microscope", lambda: forward_model(clean, crystal))
+    if crystal is not None:
+        for w in _build(ctx, "roi.disks", lambda: check_disk_reflections(clean, crystal)) or []:
+            warnings.warn(w, QcbedInputWarning, stacklevel=2)
     if model is not None and "geometry" in data:
         _build(ctx, "geometry", lambda: pattern_geometry(clean, model))
     if "roi" in data:

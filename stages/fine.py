@@ -119,6 +119,19 @@ REFLECTION_KEYS = ("hkl", "refine", "range_percent", "U_range", "Uprime_range", 
 PHASE_HALF_RANGE_DEG = 30.0
 
 
+#: a start |U| at or below this [Å^-2] is zero: a range in percent of it is empty
+ZERO_IAM_LIMIT = 1e-9
+
+
+def _zero_percent_range(f: str, name: str, base: str, crystal) -> QcbedInputError:
+    """``range_percent`` of a component whose start is zero (e.g. U(2 2 2) of Si, zero in the IAM: only
+    bonding makes it nonzero) is a range of width zero; rather than a silent default it is refused, naming the
+    absolute range to give instead."""
+    return QcbedInputError(f"{f}.range_percent", f"{base} of {name} starts at 0 ({crystal.name}: zero in the "
+                           f"independent-atom model), so a range of ± a percentage of it is empty",
+                           f"give {base}_range = [low, high] in 1/Å^2 (e.g. [-0.002, 0.002]) instead of range_percent")
+
+
 def sf_params_from_config(model: ForwardModel, reflections: list, field_prefix: str = "refine.reflections") -> list[SFParam]:
     """Refined components from the config: [{hkl, refine, range_percent, U_range, Uprime_range, U_phase_range,
     Uprime_phase_range, U, Uprime}].
@@ -181,13 +194,15 @@ def sf_params_from_config(model: ForwardModel, reflections: list, field_prefix: 
             base = comp.split("_")[0]
             now = u_now if base == "U" else up_now
             rng = r.get(f"{base}_range")
+            if rng is None and "range_percent" in r and abs(complex(r[base]) if base in r else now) <= ZERO_IAM_LIMIT:
+                raise _zero_percent_range(f, name, base, model.crystal)
             if phi0 is not None:
                 if base in r:
                     now = complex(r[base]) * np.exp(1j * phi0)
                 val = float((now * np.exp(-1j * phi0)).real)
                 if rng is not None:
                     lo, hi = sorted(float(x) for x in rng)
-                elif abs(val) > 1e-9:
+                elif abs(val) > ZERO_IAM_LIMIT:
                     lo, hi = sorted((val * (1 - pct), val * (1 + pct)))
                 else:
                     lo, hi = -ZERO_IAM_HALF_RANGE, ZERO_IAM_HALF_RANGE
@@ -212,7 +227,7 @@ def sf_params_from_config(model: ForwardModel, reflections: list, field_prefix: 
                         raise QcbedInputError(f"{f}.{base}_range", f"bounds the amplitude of the acentric {name}: "
                                               f"must be >= 0, got [{lo}, {hi}]", "give 0 <= lo < hi in 1/Å^2")
                 else:
-                    lo, hi = (amp * (1 - pct), amp * (1 + pct)) if amp > 1e-9 else (0.0, ZERO_IAM_HALF_RANGE)
+                    lo, hi = (amp * (1 - pct), amp * (1 + pct)) if amp > ZERO_IAM_LIMIT else (0.0, ZERO_IAM_HALF_RANGE)
                 out.append(SFParam(hkl, comp, lo, hi, min(max(amp, lo), hi)))
             else:
                 prng = r.get(f"{base}_phase_range")

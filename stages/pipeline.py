@@ -3,17 +3,18 @@
 A run = one config file = one pattern; its stores go to ``results/<run>/`` (../shared/DESIGN.md):
 
 ==========  ==========================  ===============================================================
-stage       store                       key made of
+stage       store                       reads (its key: the config fields of :data:`READS`, their files'
+                                        digests, the keys of the stores it reads)
 ==========  ==========================  ===============================================================
-load        pattern.zarr                [pattern], content digests of every file it reads
-roi         roi.zarr                    [roi], [geometry], [microscope], crystal, scattering table, load
-iam         structure_factors.zarr      crystal, [microscope], [simulation] physics, refined reflections
-variance    variance.zarr               pattern.detector, load
-coarse      coarse.zarr                 [coarse], crystal, [microscope], [simulation], [geometry], roi
-                                        disks, load (only when the config has an enabled [coarse])
-                                        (iam: + coarse, and run after it, when coarse.refine is set)
-fine        fine.zarr (+ fine_trace)    [refine], crystal, [microscope], [simulation], load, roi,
-                                        variance, coarse
+load        pattern.zarr                [pattern] and its files
+roi         roi.zarr                    [roi], [geometry], [microscope], crystal, pattern.kind; load
+iam         structure_factors.zarr      crystal, hv_kV, scattering table, absorption, the h k l of
+                                        roi.disks and refine.reflections (+ coarse with coarse.refine)
+variance    variance.zarr               pattern.detector; load
+coarse      coarse.zarr                 [coarse], crystal, [microscope], [simulation], [geometry],
+                                        roi.disks, refine.psf_*; load, roi (the beam probe's tilts)
+fine        fine.zarr (+ fine_trace)    [refine], crystal, [microscope], [simulation], [geometry];
+                                        load, roi, variance, coarse
 report      report/                     fine, iam, coarse
 ==========  ==========================  ===============================================================
 
@@ -69,8 +70,6 @@ STORES = {"load": "pattern.zarr", "roi": "roi.zarr", "iam": "structure_factors.z
 TRACE = "fine_trace.zarr"
 RUN_RECORD = "run.json"
 LOCK = ".lock"
-#: physics keys of [simulation] that change structure factors (not the starting thickness)
-_SIM_PHYSICS = ("scattering_table", "absorption", "absorption_fraction")
 
 
 def _say(msg: str) -> None:
@@ -202,43 +201,124 @@ def run_name(cfg: C.RunConfig) -> str:
     return p.parent.name if p.stem == "config" else p.stem
 
 
+#: Which stages read each config field, stated once: every stage key is made of exactly the fields listed
+#: for it (:func:`stage_config`), the digests of the files those fields name, and its upstream stores' keys
+#: (:func:`upstream`), so an edit re-keys the stages that read the field and everything downstream of them,
+#: and nothing else.  A ``section`` entry covers the section's keys without an entry of their own; an entry
+#: ``section.key.sub`` names stages that read only that part of each table of a list (e.g. the h k l of
+#: ``refine.reflections``, which the IAM table lists).  Fields no stage reads (``run.name`` names the
+#: results folder; ``pattern.data_source`` says where to fetch missing data) enter no key, so editing them
+#: recomputes nothing.  ``coarse`` and the PSF start: the coarse stage matches LARBED disks with the PSF.
+READS: dict[str, tuple[str, ...]] = {
+    "crystal": ("roi", "iam", "coarse", "fine"),          # the cell (roi: tilt scale) and the structure
+    "microscope": ("roi", "coarse", "fine"),              # zone, axes: the pattern geometry
+    "microscope.hv_kV": ("roi", "iam", "coarse", "fine"),  # the wavelength; the IAM's relativistic factor
+    "simulation": ("coarse", "fine"),                     # thickness, beam selection, solver, beam probe
+    "simulation.scattering_table": ("iam", "coarse", "fine"),
+    "simulation.absorption": ("iam", "coarse", "fine"),
+    "simulation.absorption_fraction": ("iam", "coarse", "fine"),
+    "pattern": ("load",),
+    "pattern.kind": ("load", "roi", "coarse", "fine"),    # the pattern geometry's kind
+    "pattern.detector": ("load", "variance", "fine"),     # deconvolution noise, variance map, metric
+    "pattern.data_source": (),
+    "geometry": ("roi", "coarse", "fine"),
+    "roi": ("roi",),
+    "roi.disks": ("roi", "iam", "coarse"),                # the IAM lists them; coarse's default disks
+    "refine": ("fine",),
+    "refine.reflections.hkl": ("iam",),
+    "refine.psf_sigma": ("coarse", "fine"),
+    "refine.psf_gamma": ("coarse", "fine"),
+    "coarse": ("coarse",),
+    "run": (),
+}
+#: file fields whose value is only a path: they enter a key through their content digest (:func:`digests`),
+#: so a data folder moved or a file renamed with the same bytes recomputes nothing
+_PATH_FIELDS = ("crystal.file", "pattern.file", "pattern.files", "pattern.variance", "pattern.mask",
+                "pattern.hkl_file")
+#: fine-stage fields the checkpoints do not depend on (each outer iteration is the same step whatever the
+#: limit, and the Gauss-Newton polish follows them): a run given more iterations continues from them
+_BUDGET_FIELDS = ("refine.max_iterations", "refine.gauss_newton_steps")
+
+
+def readers(field_path: str) -> tuple[str, ...]:
+    """The stages that read a config field (``section.key``, or a file field of :func:`input_files`), from
+    :data:`READS`: its own entry, else its section's.  KeyError for a section the table does not know."""
+    if field_path in READS:
+        return READS[field_path]
+    parts = field_path.split(".")
+    for n in range(len(parts) - 1, 0, -1):
+        head = ".".join(parts[:n])
+        if head in READS:
+            return READS[head]
+    raise KeyError(field_path)
+
+
+def _project(value, sub: str):
+    """The part ``sub`` of each table of a list (``refine.reflections`` -> their ``hkl``)."""
+    if isinstance(value, list):
+        return [x.get(sub) if isinstance(x, dict) else None for x in value]
+    return value.get(sub) if isinstance(value, dict) else None
+
+
+def stage_config(data: dict, stage: str) -> dict:
+    """{field: value} of every config field ``stage`` reads (:data:`READS`), path-only file fields left to
+    their digests."""
+    out = {}
+    for s, table in data.items():
+        if not isinstance(table, dict):
+            continue
+        for k, v in table.items():
+            f = f"{s}.{k}"
+            if f in _PATH_FIELDS:
+                continue
+            if stage in readers(f):
+                out[f] = v
+                continue
+            for sub, stages in READS.items():
+                if sub.startswith(f + ".") and stage in stages:
+                    out[sub] = _project(v, sub[len(f) + 1:])
+    return out
+
+
+def upstream(cfg: C.RunConfig, stage: str) -> tuple[str, ...]:
+    """The stores ``stage`` reads: their keys enter its key (Merkle chain).  coarse reads roi (the beam probe
+    runs at the ROI's tilts); iam reads coarse when coarse.refine refines the voltage, cell or B."""
+    co = ("coarse",) if coarse_enabled(cfg) else ()
+    return {"load": (), "roi": ("load",), "variance": ("load",), "coarse": ("load", "roi"),
+            "iam": co if coarse_refines_physics(cfg) else (),
+            "fine": ("load", "roi", "variance") + co, "report": ("fine", "iam") + co}[stage]
+
+
+def _key_parts(cfg: C.RunConfig, d: dict, stage: str, keys: dict) -> dict:
+    # a file enters by its bytes; by its name too only in pattern.files, whose names may carry the h k l
+    files = {f: (rows if f == "pattern.files" else [sha for _, sha in rows])
+             for f, rows in sorted(d.items()) if stage in readers(f)}
+    return {"config": stage_config(cfg.data, stage), "files": files, "upstream": {u: keys[u] for u in upstream(cfg, stage)}}
+
+
+def report_stage_key(fine: str, iam: str | None, coarse: str | None = None) -> str:
+    """The report's key: of the stores it reads only (it reads no config field), so that
+    :func:`stages.report.report_key` finds it again from a run folder's stores alone."""
+    return stage_key("report", {"config": {}, "files": {},
+                                "upstream": {"fine": fine, "iam": iam, **({"coarse": coarse} if coarse else {})}})
+
+
 def make_plan(cfg: C.RunConfig, results_dir, run_dir=None) -> Plan:
+    """Every enabled stage's key, from the fields it reads (:data:`READS`), the digests of its files and
+    its upstream keys; computed before anything runs."""
     d = digests(cfg)
-    sec = cfg.section
-    crystal = {"crystal": sec("crystal"), "crystal_files": d.get("crystal.file")}
-    physics = {**crystal, "microscope": sec("microscope"),
-               "simulation": {k: v for k, v in sec("simulation").items() if k in _SIM_PHYSICS}}
-    full_physics = {**crystal, "microscope": sec("microscope"), "simulation": sec("simulation")}
-    load_files = {k: v for k, v in d.items() if k.startswith("pattern.")}
-    keys = {}
-    # data_source only says where to get the files: not part of what is computed
-    pattern = {k: v for k, v in sec("pattern").items() if k != "data_source"}
-    keys["load"] = stage_key("load", {"pattern": pattern, "files": load_files})
-    keys["roi"] = stage_key("roi", {**crystal, "microscope": sec("microscope"), "geometry": sec("geometry"),
-                                    "roi": sec("roi"),
-                                    "table": sec("simulation").get("scattering_table", "peng"), "load": keys["load"]})
-    keys["variance"] = stage_key("variance", {"detector": sec("pattern").get("detector"), "load": keys["load"]})
-    if coarse_enabled(cfg):
-        keys["coarse"] = stage_key("coarse", {**full_physics, "coarse": sec("coarse"), "geometry": sec("geometry"),
-                                              "disks": sec("roi").get("disks"), "load": keys["load"]})
-    iam_parts = {**physics, "reflections": sec("refine").get("reflections"), "disks": sec("roi").get("disks")}
-    if coarse_refines_physics(cfg):  # the IAM of the refined voltage, cell and B
-        iam_parts["coarse"] = keys["coarse"]
-    keys["iam"] = stage_key("iam", iam_parts)
-    fine_parts = {**full_physics, "refine": sec("refine"), "refine_files": d.get("refine.gof"),
-                  "load": keys["load"], "roi": keys["roi"], "variance": keys["variance"]}
-    if "coarse" in keys:
-        fine_parts["coarse"] = keys["coarse"]
-    trace_key = None
-    if sec("refine"):
-        keys["fine"] = stage_key("fine", fine_parts)
-        # the checkpoints do not depend on the iteration budget (each outer iteration is the same step
-        # whatever the limit) nor on the Gauss-Newton polish that follows them: a run given more (or
-        # fewer) iterations, or polish steps, continues from them
-        budgetless = {**fine_parts, "refine": {k: v for k, v in sec("refine").items()
-                                               if k not in ("max_iterations", "gauss_newton_steps")}}
-        trace_key = stage_key("fine-trace", budgetless)
-        keys["report"] = stage_key("report", {"fine": keys["fine"], "iam": keys["iam"], "coarse": keys.get("coarse")})
+    enabled = [s for s in STAGES_COARSE_PHYSICS if (s != "coarse" or coarse_enabled(cfg))
+               and (s not in ("fine", "report") or cfg.section("refine"))]
+    keys, trace_key = {}, None
+    for s in enabled:  # STAGES_COARSE_PHYSICS: every stage after the stores it reads
+        if s == "report":
+            keys[s] = report_stage_key(keys["fine"], keys["iam"], keys.get("coarse"))
+            continue
+        parts = _key_parts(cfg, d, s, keys)
+        keys[s] = stage_key(s, parts)
+        if s == "fine":
+            parts["config"] = {f: v for f, v in parts["config"].items() if f not in _BUDGET_FIELDS}
+            trace_key = stage_key("fine-trace", parts)
     run_dir = Path(results_dir) / run_name(cfg) if run_dir is None else Path(run_dir)
     return Plan(cfg=cfg, run_dir=run_dir, keys=keys, digests=d, trace_key=trace_key,
                 order=STAGES_COARSE_PHYSICS if coarse_refines_physics(cfg) else STAGES)
@@ -428,9 +508,22 @@ def compute_roi(plan: Plan) -> xr.Dataset:
     cfg = plan.cfg
     pattern = open_store(plan.store("load"))
     model = _model(cfg)
+    pat = cfg.section("pattern")
+    if pattern.attrs.get("kind") == "larbed" and "hkl" not in pat:  # h k l read from hkl_file or the file names
+        where = "pattern.hkl_file" if "hkl_file" in pat else "pattern.files"
+        named = [(f"{where} (image {i}: {n})", h, True) for i, (n, h) in enumerate(zip(
+            _image_names(pattern), np.stack([pattern.h.values, pattern.k.values, pattern.l.values], 1).tolist()))]
+        for w in C.check_reflections(model.crystal, model.zone, named):
+            _say(f"[{plan.run_dir.name}] roi: warning: {w}")
     pg = C.pattern_geometry(cfg, model)
     regions, padding = regions_from_config(cfg.section("roi"))
     return build_roi(pattern, pg, regions, C.roi_disks(cfg, pattern), padding, cfg.section("roi").get("disk_mask"))
+
+
+def _image_names(pattern: xr.Dataset) -> list[str]:
+    """The source file of each LARBED image (pattern.zarr ``files``: one per image), else its index."""
+    files, n = list(pattern.attrs.get("files", [])), int(pattern.sizes["disk"])
+    return [str(f) for f in files] if len(files) == n else [str(i) for i in range(n)]
 
 
 def compute_iam(plan: Plan) -> xr.Dataset:
@@ -469,10 +562,15 @@ def compute_coarse(plan: Plan) -> xr.Dataset:
     stages use (``refined_model``)."""
     from .coarse import SIGMA_UNDEFINED, coarse_disk_shifts, coarse_gl, coarse_orientation_thickness
 
+    t_stage = time.perf_counter()
     cfg = plan.cfg
     c = cfg.section("coarse")
     pattern = open_store(plan.store("load"))
     model, probe = sized_model(plan, "coarse")
+    # the beam probe is the stage's first sub-step: its solves and time are the stage's too
+    probe_step = {"eigen_solves": int(probe.get("eigen_solves", 0)), "wall_s": float(probe.get("wall_s", 0.0)),
+                  "counters": {"eigen_solves": int(probe.get("eigen_solves", 0)),
+                               "tilts_solved": int(probe.get("tilts_solved", 0)), "wall_s": float(probe.get("wall_s", 0.0))}}
     phys = C.coarse_physics(cfg, model.crystal)
     if phys.needs_holz and probe.get("laue_zones") != "holz":
         raise QcbedInputError("coarse.refine", f"{' and '.join(x for x in phys.refine if x != 'B')} is measured by the "
@@ -492,7 +590,7 @@ def compute_coarse(plan: Plan) -> xr.Dataset:
     background = str(c.get("background", "per_disk"))
     kw = dict(radius_px=radius, background=background, psf_px=psf)
     res = coarse_orientation_thickness(model, pg, pattern, disks, box, search, bracket, step, **kw)
-    steps = {"orientation_thickness": _coarse_summary(res)}
+    steps = {"beam_probe": probe_step, "orientation_thickness": _coarse_summary(res)}
     fit_gl, align = bool(c.get("fit_gl", False)), bool(c.get("align_disks", False))
 
     def gl_round(res, name):
@@ -525,7 +623,8 @@ def compute_coarse(plan: Plan) -> xr.Dataset:
     attrs = {"thickness_A": float(res.thickness_A), "thickness_start_A": float(t0),
              "thickness_bracket_A": [float(x) for x in bracket], "ncc": float(res.ncc), "shift_px": list(res.shift_px),
              "geometry": json.dumps(res.geometry.as_dict()), "at_edge": int(res.at_edge),
-             "at_bound": int(res.at_bound), "counters": json.dumps(_coarse_counters(steps, res)),
+             "at_bound": int(res.at_bound),
+             "counters": json.dumps(_coarse_counters(steps, time.perf_counter() - t_stage)),
              "steps": json.dumps(steps), "beam_probe": json.dumps(probe),
              "physics": json.dumps(rows), "refined_model": json.dumps(refined)}
     if rows:
@@ -540,11 +639,21 @@ def compute_coarse(plan: Plan) -> xr.Dataset:
     return ds
 
 
-def _coarse_counters(steps: dict, res) -> dict:
-    """The last step's counters, with ``eigen_solves`` and ``wall_s`` summed over every step of the stage."""
-    out = dict(res.counters)
+def _coarse_counters(steps: dict, stage_wall_s: float) -> dict:
+    """The stage's counters: every counter summed over every sub-step (beam probe, thickness and orientation,
+    gl, disk alignment, the physics fits, the final thickness and orientation), ``wall_s`` the sum of the
+    sub-steps' times and ``stage_wall_s`` the whole stage's (with reading the stores); ``by_step`` the
+    eigen-solves and time of each.  (A sub-step's own counters start at zero: a sum never counts twice.)"""
+    out: dict = {}
+    for st in steps.values():
+        for k, v in (st.get("counters") or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[k] = out.get(k, 0) + v
     out["eigen_solves"] = int(sum(st.get("eigen_solves", 0) for st in steps.values()))
     out["wall_s"] = float(sum(st.get("wall_s", 0.0) for st in steps.values()))
+    out["stage_wall_s"] = float(stage_wall_s)
+    out["by_step"] = {name: {"eigen_solves": int(st.get("eigen_solves", 0)), "wall_s": float(st.get("wall_s", 0.0))}
+                      for name, st in steps.items()}
     return out
 
 
@@ -599,7 +708,8 @@ def _coarse_summary(res) -> dict:
     """One coarse step's outcome for the store's ``steps`` attribute (JSON)."""
     return {"thickness_A": float(res.thickness_A), "ncc": float(res.ncc), "gl_px": float(res.geometry.gl_px),
             "ncc_per_disk": [float(x) for x in res.ncc_per_disk], "params": res.as_dict()["params"],
-            "eigen_solves": int(res.counters.get("eigen_solves", 0)), "wall_s": float(res.counters.get("wall_s", 0.0))}
+            "eigen_solves": int(res.counters.get("eigen_solves", 0)), "wall_s": float(res.counters.get("wall_s", 0.0)),
+            "counters": dict(res.counters)}
 
 
 def _geometry_from_json(model, text: str):
@@ -827,6 +937,28 @@ def _intact_rows(arrays: dict, n: int, digests: list | None) -> tuple[dict, int,
     return {name: d[:good] for name, d in data.items()}, good, why
 
 
+def carried_counters(prev: dict | None) -> dict:
+    """The eigen-solves and wall time of the earlier sessions of a resumed fine stage.  The trace's
+    ``eigen_solves`` and ``wall_s`` columns are cumulative over sessions (each session adds these to its own),
+    so its last committed row holds them; what a killed session did after that row is redone by the
+    resumed one and counted there."""
+    if prev is None:
+        return {"eigen_solves": 0, "wall_s": 0.0}
+    return {"eigen_solves": int(prev["eigen_solves"][-1]), "wall_s": float(prev["wall_s"][-1])}
+
+
+def with_carried(counters: dict, carried: dict) -> dict:
+    """The fine counters of every session: this session's ``eigen_solves`` and ``total_s`` plus the earlier
+    sessions' (``carried``), which are kept apart too (``earlier_sessions``, ``*_this_session``)."""
+    out = dict(counters)
+    out["eigen_solves_this_session"] = int(counters.get("eigen_solves", 0))
+    out["total_s_this_session"] = float(counters.get("total_s", 0.0))
+    out["eigen_solves"] = int(carried["eigen_solves"]) + out["eigen_solves_this_session"]
+    out["total_s"] = float(carried["wall_s"]) + out["total_s_this_session"]
+    out["earlier_sessions"] = dict(carried)
+    return out
+
+
 def run_fine(plan: Plan, say=_say) -> dict:
     """Fine refinement with a checkpoint per outer iteration; resumes from ``fine_trace.zarr``."""
     from .fine import refine
@@ -843,6 +975,7 @@ def run_fine(plan: Plan, say=_say) -> dict:
     nv = len(names) + 1
     prev = trace.open(key)
     kw = {}
+    carried = carried_counters(prev)
     t_wall = time.perf_counter()
     if prev is not None:
         kw = {"start_simplex": prev["simplex"][-1], "start_fsim": prev["fsim"][-1],
@@ -861,8 +994,9 @@ def run_fine(plan: Plan, say=_say) -> dict:
             say(f"{prefix}: start {problem.gof.name} {gof0:.6g} (thickness {problem.thickness0:.1f} Å)")
 
     def checkpoint(it, simplex, fsim, best):
-        trace.append({"iteration": it, "gof": float(fsim[0]), "wall_s": time.perf_counter() - t_wall,
-                      "eigen_solves": problem.counters["eigen_solves"], "best": np.asarray(best, float),
+        trace.append({"iteration": it, "gof": float(fsim[0]), "wall_s": carried["wall_s"] + time.perf_counter() - t_wall,
+                      "eigen_solves": carried["eigen_solves"] + problem.counters["eigen_solves"],
+                      "best": np.asarray(best, float),
                       "simplex": np.asarray(simplex, float), "fsim": np.asarray(fsim, float)})
         vals = " ".join(f"{n}={v:.6g}" for n, v in zip(names, best))
         say(f"{prefix}: iteration {it:4d}  {problem.gof.name} {fsim[0]:.6g}  {vals}")
@@ -875,6 +1009,7 @@ def run_fine(plan: Plan, say=_say) -> dict:
     res = refine(problem, max_iterations=int(r.get("max_iterations", 200)), xatol=float(r.get("xatol", 1e-4)),
                  initial_step=float(r.get("initial_step", 0.1)), callback=checkpoint, on_start=started,
                  gauss_newton_steps=int(r.get("gauss_newton_steps", 0)), on_gauss_newton=polished, **kw)
+    res.counters = with_carried(res.counters, carried)
     full = trace.open(key)
     ds = fine_dataset(problem, res, full, resumed_from=kw.get("start_iteration"))
     write_store(_with_key(ds, plan, "fine", r), plan.store("fine"))
@@ -919,12 +1054,13 @@ def _run_fine_lm(plan: Plan, problem, key: str, say=_say) -> dict:
     names = [p.label for p in problem.sf]
     gnames = problem.geometry_names
     prev = trace.open(key)
+    carried = carried_counters(prev)
     t_wall = time.perf_counter()
     state, gof_start = None, None
     if prev is not None:
         state = {"step": int(prev["iteration"][-1]), "values": prev["best"][-1], "lam": float(prev["lam"][-1]),
                  "geometry": dict(zip(gnames, prev["geometry"][-1].tolist())), "accepted": int(prev["accepted"][-1])}
-        # the fine stage's own counters (eigen-solves, steps) restart in this process
+        # this process counts from zero; the earlier sessions' eigen-solves and time are carried (carried_counters)
         gof_start = float(prev["attrs"]["gof_start"])
         say(f"{prefix}: resuming after Levenberg-Marquardt step {state['step']} ({problem.gof.name} {prev['gof'][-1]:.6g})")
     else:
@@ -941,8 +1077,9 @@ def _run_fine_lm(plan: Plan, problem, key: str, say=_say) -> dict:
             say(f"{prefix}: start {problem.gof.name} {gof0:.6g} (thickness {problem.thickness0:.1f} Å)")
 
     def checkpoint(k, v, g, lam, f, n_acc):
-        trace.append({"iteration": k, "gof": f, "wall_s": time.perf_counter() - t_wall,
-                      "eigen_solves": problem.counters["eigen_solves"], "best": np.asarray(v, float),
+        trace.append({"iteration": k, "gof": f, "wall_s": carried["wall_s"] + time.perf_counter() - t_wall,
+                      "eigen_solves": carried["eigen_solves"] + problem.counters["eigen_solves"],
+                      "best": np.asarray(v, float),
                       "simplex": np.asarray(v, float)[None], "fsim": np.array([f]),
                       "geometry": np.array([g[n] for n in gnames] or [0.0], float), "lam": lam, "accepted": n_acc})
         vals = " ".join(f"{n}={x:.6g}" for n, x in zip(names, v))
@@ -956,6 +1093,7 @@ def _run_fine_lm(plan: Plan, problem, key: str, say=_say) -> dict:
 
     res = levenberg_marquardt(problem, max_steps=int(r.get("max_iterations", 200)), callback=checkpoint,
                               on_start=started, state=state, gof_start=gof_start, on_proposal=proposal)
+    res.counters = with_carried(res.counters, carried)
     full = trace.open(key)
     resumed = None if state is None else state["step"]
     ds = fine_dataset(problem, res, full, resumed_from=resumed)
@@ -1126,38 +1264,65 @@ class RunStatus:
     gof: float | None = None
     gof_name: str | None = None
     note: str = ""
+    config_changed: bool = False  # the config file differs from the text recorded in run.json
+
+
+def current_config(rec: dict) -> tuple[C.RunConfig, str]:
+    """The config a run folder is judged by now: its file (``config_path`` of run.json) re-read, else the text
+    recorded in run.json.  Returns (config, note): the note says when the file changed since the run, or
+    why the recorded text is used ("" when the file is as recorded)."""
+    path = Path(rec["config_path"])
+    recorded = C.RunConfig(path, tomllib_loads(rec["config_text"]))
+    try:
+        text = path.read_text()
+    except OSError:
+        return recorded, f"config {path} is gone; compared with the config recorded in {RUN_RECORD}"
+    if text == rec["config_text"]:
+        return recorded, ""
+    try:
+        now = C.RunConfig(path, tomllib_loads(text))
+    except ValueError as exc:
+        return recorded, f"config {path} changed since the run and cannot be read ({exc}); compared with the recorded one"
+    return now, f"config {path} changed since the run; stages compared with it as it is now"
 
 
 def run_status(run_dir: Path) -> RunStatus:
-    """Stages done/stale/pending of a run folder (keys recomputed from its config when it still exists)."""
+    """Stages done/stale/pending of a run folder, judged by its config file as it is now (:func:`current_config`):
+    a store whose key the current config and input files no longer give is "stale", whatever run.json says.
+    The last checkpoint is shown only when it belongs to the current fine stage."""
     import zarr
 
     run_dir = Path(run_dir)
     st = RunStatus(run_dir, running=is_locked(run_dir))
     rec_path = run_dir / RUN_RECORD
     plan = None
+    notes = []
     if rec_path.exists():
         try:
             rec = json.loads(rec_path.read_text())
-            cfg = C.RunConfig(Path(rec["config_path"]), tomllib_loads(rec["config_text"]))
+            cfg, note = current_config(rec)
+            if note:
+                notes.append(note)
+                st.config_changed = "changed" in note
             try:
                 plan = make_plan(cfg, run_dir.parent, run_dir=run_dir)
             except QcbedInputError as exc:
-                st.note = f"inputs changed or missing ({exc}); showing the stored keys"
+                notes.append(f"inputs changed or missing ({exc}); showing the stored keys")
                 plan = Plan(cfg, run_dir, rec.get("stage_keys", {}), {})
         except (OSError, ValueError, KeyError) as exc:
-            st.note = f"unreadable {RUN_RECORD}: {exc}"
+            notes.append(f"unreadable {RUN_RECORD}: {exc}")
+    st.note = "; ".join(notes)
     for s in STAGES:
         if plan is not None and s in plan.keys:
             st.stages[s] = store_state(plan, s)
         elif (run_dir / STORES[s]).exists():
             st.stages[s] = "present"
     tr = run_dir / TRACE
-    if tr.exists():
+    if tr.exists() and plan is not None and plan.trace_key is not None:
         try:
             g = zarr.open_group(str(tr), mode="r")
             n = int(g.attrs.get("n_committed", 0))
-            if n:
+            if n and g.attrs.get("stage_key") == plan.trace_key:
                 st.last_iteration = int(g["iteration"][n - 1])
                 st.gof = float(g["gof"][n - 1])
                 st.gof_name = g.attrs.get("gof_name")
@@ -1171,6 +1336,12 @@ def run_status(run_dir: Path) -> RunStatus:
         except (OSError, ValueError, KeyError):
             pass
     return st
+
+
+def result_is_current(plan: Plan) -> bool:
+    """The run's refinement and report are those of this plan's config and files (their stores carry its keys),
+    so a summary may present them."""
+    return all(s in plan.keys and store_state(plan, s) == "done" for s in ("fine", "report"))
 
 
 def tomllib_loads(text: str) -> dict:

@@ -141,12 +141,11 @@ def load_stores(run_dir) -> RunStores:
 
 def report_key(run_dir) -> str:
     """The report stage key of a run folder, from the keys of its stores (as :func:`stages.pipeline.make_plan`)."""
-    from .pipeline import stage_key
+    from .pipeline import report_stage_key
 
     st = load_stores(run_dir)
-    return stage_key("report", {"fine": st.fine.attrs.get("stage_key"),
-                                "iam": None if st.iam is None else st.iam.attrs.get("stage_key"),
-                                "coarse": None if st.coarse is None else st.coarse.attrs.get("stage_key")})
+    return report_stage_key(st.fine.attrs.get("stage_key"), None if st.iam is None else st.iam.attrs.get("stage_key"),
+                            None if st.coarse is None else st.coarse.attrs.get("stage_key"))
 
 
 def crystal_from_store(iam: xr.Dataset):
@@ -452,8 +451,9 @@ def summarize(run_dir) -> dict:
                          "ncc_per_disk": coarse.ncc_per_disk.values.tolist(),
                          "disks": [[int(h), int(k), int(l)] for h, k, l in zip(coarse.h.values, coarse.k.values, coarse.l.values)],
                          "shift_px": list(coarse.attrs["shift_px"]), "at_edge": bool(coarse.attrs.get("at_edge", 0)),
-                         "at_bound": bool(coarse.attrs.get("at_bound", 0)), "wall_s": cc.get("wall_s"),
-                         "eigen_solves": cc.get("eigen_solves"),
+                         "at_bound": bool(coarse.attrs.get("at_bound", 0)), "wall_s": cc.get("stage_wall_s", cc.get("wall_s")),
+                         "eigen_solves": cc.get("eigen_solves"), "tilts_solved": cc.get("tilts_solved"),
+                         "by_step": cc.get("by_step"),
                          # coarse.refine: voltage / cell / B with standard errors, and what the iam and fine
                          # stages took from them
                          "refined": json.loads(coarse.attrs.get("physics", "[]") or "[]"),
@@ -767,7 +767,13 @@ def _fit_summary_rows(s: dict) -> tuple[list[str], list[list[Cell]]]:
     if s.get("resumed_from_iteration") is not None:
         rows.append([Cell("resumed after iteration"), N(s["resumed_from_iteration"])])
     if s.get("coarse") and s["coarse"].get("wall_s") is not None:
-        rows.append([Cell("coarse stage time"), N(s["coarse"]["wall_s"], key="coarse/wall_s", digits=3, unit="s")])
+        co = s["coarse"]
+        rows.append([Cell("coarse stage time"), N(co["wall_s"], key="coarse/wall_s", digits=3, unit="s")])
+        if co.get("eigen_solves") is not None:
+            steps = ", ".join(f"{k.replace('_', ' ')} {v['eigen_solves']} ({v['wall_s']:.1f} s)"
+                              for k, v in (co.get("by_step") or {}).items())
+            rows.append([Cell("coarse eigen-solves (every sub-step)" + (f": {steps}" if steps else "")),
+                         N(co["eigen_solves"], key="coarse/eigen_solves")])
     return ["", ""], rows
 
 

@@ -418,3 +418,61 @@ def test_larbed_psf_start_must_fit_the_padding(tmp_path):
     skew = text.replace("[-10.0, 10.0]], samples", "[0.0, 7.3205]], samples")
     (err,) = _errors(_write(tmp_path, skew.replace("padding = 9", "padding = 6"))).errors
     assert err.field == "roi.padding" and "at least 7," in err.fix  # 6.93 >= 6.64 > 6.08 (padding 6)
+
+
+# ----------------------------------------------------------------------------- disks at absences, zone, zero IAM
+def test_disk_at_a_centring_absence_is_refused_glide_absence_warned(run_dir):
+    """(0 0 1) of Si is absent by the F centring: no beam exists, the disk is mislabelled (refused);
+    (0 0 2) is absent by the d glide only and excited by double diffraction (a warning)."""
+    from stages.config import QcbedInputWarning
+
+    bad = CBED.replace("disks = [[0, 0, 0], [1, -1, -1]]", "disks = [[0, 0, 0], [0, 0, 1]]")
+    (err,) = _errors(_write(run_dir, bad)).errors
+    assert err.field == "roi.disks[1]" and "lattice centring" in err.problem and "h k l" in err.fix
+    glide = CBED.replace("disks = [[0, 0, 0], [1, -1, -1]]", "disks = [[0, 0, 0], [0, 0, 2]]")
+    with pytest.warns(QcbedInputWarning, match=r"roi.disks\[1\]: 0 0 2 is kinematically absent"):
+        validate_config(_write(run_dir, glide))
+
+
+def test_larbed_image_outside_the_zone_is_refused(tmp_path):
+    text = (DATA / "si_larbed" / "config.toml").read_text().replace('file = "../si.cif"', f'file = "{DATA / "si.cif"}"')
+    for name in ("si_larbed.npy", "si_larbed_variance.npy"):
+        (tmp_path / name).symlink_to(DATA / "si_larbed" / name)
+    assert "[-2, 2, 2]]" in text
+    (err,) = _errors(_write(tmp_path, text.replace("[-2, 2, 2]]", "[1, 1, 1]]"))).errors
+    assert err.field == "pattern.hkl[4]" and "1 1 1 is outside the zone [1 1 0] (g . zone = 2)" in err.problem
+    assert "microscope.zone" in err.fix
+
+
+def test_range_percent_of_a_zero_iam_value_is_refused(run_dir):
+    """U(2 2 2) of Si is zero in the IAM: ± 5 % of it is an empty range (was silently ± 2e-3)."""
+    zero = CBED.replace("hkl = [1, -1, -1], refine", "hkl = [2, -2, -2], refine")
+    (err,) = _errors(_write(run_dir, zero)).errors
+    assert err.field == "refine.reflections[0].range_percent" and "starts at 0" in err.problem
+    assert "U_range = [low, high]" in err.fix
+    validate_config(_write(run_dir, zero.replace("range_percent = 5", "U_range = [-0.002, 0.001]")))
+
+
+def test_larbed_image_names_outside_the_zone_are_refused_when_loaded(tmp_path):
+    """h k l from the file names are known once the pattern is loaded: the roi stage refuses an image outside
+    the zone there, naming its file."""
+    from stages import pipeline as P
+
+    d = tmp_path / "run"
+    d.mkdir()
+    shutil.copy(DATA / "si.cif", tmp_path / "si.cif")
+    stack = np.load(DATA / "si_larbed" / "si_larbed.npy")
+    names = ["Si_+0+0+0.npy", "Si_+1-1-1.npy", "Si_+1+1+1.npy"]
+    for n, img in zip(names, stack):
+        np.save(d / n, img)
+    text = (DATA / "si_larbed" / "config.toml").read_text()
+    text = text.replace('file = "si_larbed.npy"\nhkl = [[0, 0, 0], [1, -1, -1], [-1, 1, 1], [2, -2, -2], [-2, 2, 2]]\n'
+                        'variance = "si_larbed_variance.npy"', 'files = "Si_*.npy"')
+    assert 'files = "Si_*.npy"' in text
+    cfg = validate_config(_write(d, text), require=("refine",))
+    plan = P.make_plan(cfg, tmp_path / "results")
+    P.run_stage(plan, "load", say=lambda m: None)
+    with pytest.raises(QcbedInputError) as info:
+        P.run_stage(plan, "roi", say=lambda m: None)
+    assert info.value.field == "pattern.files (image 1: Si_+1+1+1.npy)"
+    assert "outside the zone [1 1 0]" in info.value.problem

@@ -161,3 +161,46 @@ def test_bad_files(tmp_path):
     t.write_text("name='x'\n")
     with pytest.raises(QcbedInputError, match="crystal.cell: missing"):
         load_crystal(t)
+
+
+SI_CIF = (DATA / "si.cif").read_text()
+
+
+@pytest.mark.parametrize("edit, tag", [
+    # the number says Fd-3m, the H-M symbol P 1: gemmi took P 1 and Si had 1 atom in the cell, not 8
+    ({"_symmetry_space_group_name_H-M 'F d -3 m'": "_symmetry_space_group_name_H-M 'P 1'"}, "_space_group_IT_number"),
+    ({"_space_group_IT_number 227": "_space_group_IT_number 225"}, "_space_group_IT_number"),
+    # an operation loop of P 1 under the symbol and number of Fd-3m
+    ({"loop_\n_atom_site_label": "loop_\n_space_group_symop_operation_xyz\n'x, y, z'\nloop_\n_atom_site_label"},
+     "_space_group_IT_number"),
+])
+def test_cif_space_group_contradictions_are_refused(tmp_path, edit, tag):
+    text = SI_CIF
+    for a, b in edit.items():
+        assert a in text
+        text = text.replace(a, b)
+    p = tmp_path / "si.cif"
+    p.write_text(text)
+    with pytest.raises(QcbedInputError) as info:
+        load_crystal(p)
+    assert info.value.field == f"{p}: {tag}" and "No. " in str(info.value) and "name one group" in str(info.value)
+
+
+def test_cif_operation_loop_agreeing_with_the_symbols_reads(tmp_path):
+    """The loop of Fd-3m's 192 operations (origin 2) with its number and symbol: read, 8 atoms in the cell."""
+    import gemmi
+
+    ops = "\n".join(f"'{op.triplet()}'" for op in gemmi.find_spacegroup_by_name("F d -3 m:2").operations())
+    p = tmp_path / "si.cif"
+    p.write_text(SI_CIF.replace("loop_\n_atom_site_label",
+                                f"loop_\n_space_group_symop_operation_xyz\n{ops}\nloop_\n_atom_site_label"))
+    c = load_crystal(p)
+    assert c.spacegroup == load_crystal(DATA / "si.cif").spacegroup
+
+
+def test_absence_kinds_of_silicon():
+    """(0 0 1), (1 0 0): absent by the F centring (no beam); (2 0 0), (0 0 2): by the d glide (dynamically
+    excited); (2 2 2): allowed by the space group (zero only for the atoms' special positions)."""
+    si = load_crystal(DATA / "si.cif")
+    assert [sf.absence_kind(si, h) for h in ((0, 0, 1), (1, 0, 0), (2, 0, 0), (0, 0, 2), (2, 2, 2), (1, -1, -1))] == \
+        ["centring", "centring", "glide/screw", "glide/screw", None, None]

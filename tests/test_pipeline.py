@@ -112,8 +112,18 @@ def test_checkpoint_resume_is_exact(small, tmp_path):
     assert not part.store("fine").exists()
     tr = P.TraceStore(part.run_dir / P.TRACE).open(part.trace_key)
     assert tr["iteration"].tolist() == [1, 2]
+    first_session = {"eigen_solves": int(tr["eigen_solves"][-1]), "wall_s": float(tr["wall_s"][-1])}
     lines.clear()
     assert P.run_stage(part, "fine", say=lines.append) == "resumed"
+    # the counters add up across the two sessions: the trace is cumulative, fine.zarr sums them
+    tr = P.TraceStore(part.run_dir / P.TRACE).open(part.trace_key)
+    assert np.all(np.diff(tr["eigen_solves"]) >= 0) and np.all(np.diff(tr["wall_s"]) > 0)
+    cb = json.loads(xr.open_zarr(part.store("fine"), consolidated=False).attrs["counters"])
+    ca = json.loads(xr.open_zarr(full.store("fine"), consolidated=False).attrs["counters"])
+    assert cb["earlier_sessions"] == first_session and first_session["eigen_solves"] > 0
+    assert cb["eigen_solves"] == first_session["eigen_solves"] + cb["eigen_solves_this_session"] >= ca["eigen_solves"]
+    assert cb["total_s"] == pytest.approx(first_session["wall_s"] + cb["total_s_this_session"])
+    assert ca["earlier_sessions"] == {"eigen_solves": 0, "wall_s": 0.0} and ca["eigen_solves"] == ca["eigen_solves_this_session"]
     assert any("resuming after iteration 2" in m for m in lines)
     assert any("iteration    3" in m for m in lines)
     a = xr.open_zarr(full.store("fine"), consolidated=False)
@@ -349,12 +359,24 @@ def test_coarse_stage_feeds_fine(small, tmp_path):
     t = co.attrs["thickness_A"]
     assert abs(t / 900.0 - 1) < 0.02 and co.attrs["ncc"] > 0.9  # truth 900 Å; config starts at 918 Å
     assert co.attrs["thickness_start_A"] == C.thickness_of(plan.cfg) and co.attrs["thickness_bracket_A"] == [700.0, 1100.0]
+    # the counters are the whole stage's: every sub-step's solves and time, the beam probe's included
+    cc, steps = json.loads(co.attrs["counters"]), json.loads(co.attrs["steps"])
+    probe = json.loads(co.attrs["beam_probe"])
+    assert list(cc["by_step"]) == list(steps) == ["beam_probe", "orientation_thickness"]
+    assert cc["by_step"]["beam_probe"]["eigen_solves"] == probe["eigen_solves"] > 0
+    assert cc["eigen_solves"] == sum(v["eigen_solves"] for v in cc["by_step"].values()) == probe["eigen_solves"] + 1
+    assert cc["tilts_solved"] == probe["tilts_solved"] + steps["orientation_thickness"]["counters"]["tilts_solved"]
+    assert cc["wall_s"] == pytest.approx(sum(v["wall_s"] for v in cc["by_step"].values()))
+    assert cc["stage_wall_s"] >= cc["wall_s"] >= probe["wall_s"] > 0
+    res = json.loads((plan.run_dir / "report" / "results.json").read_text())
+    assert res["coarse"]["eigen_solves"] == cc["eigen_solves"] and res["coarse"]["wall_s"] == cc["stage_wall_s"]
     fine = xr.open_zarr(plan.store("fine"), consolidated=False)
     g0 = float(fine.start.sel(param="thickness"))
     assert g0 == pytest.approx(t)
     # the report says where the fine stage's start came from: config thickness -> coarse
     md = (plan.run_dir / "report" / "report.md").read_text()
     assert "thickness at the start (config), bracket searched" in md and "from the coarse stage (thickness" in md
+    assert "coarse eigen-solves (every sub-step): beam probe" in md
     cfg.write_text(cfg.read_text().replace("search_px = 1.0", "search_px = 2.0"))
     plan2 = _plan(cfg, tmp_path)
     assert {s for s in plan.stages if plan.keys[s] != plan2.keys[s]} == {"coarse", "fine", "report"}
@@ -424,6 +446,10 @@ def test_levenberg_marquardt_run_resumes_exactly(small, tmp_path):
     # + 4 tile solves of the model gradient for the sampling-geometry errors (fine.model_geometry_columns)
     assert c["eigen_solves"] - c.get("eigen_solves_sigma", 0) == c["eigen_solves_start"] + c["lm_steps"] == 2 + c["lm_steps"]
     assert c.get("eigen_solves_sigma", 0) in (0, 4)
+    # resumed: the first session's solves (to its step-1 checkpoint) are carried and summed
+    cb = json.loads(b.attrs["counters"])
+    assert cb["earlier_sessions"]["eigen_solves"] == int(tr["eigen_solves"][-1]) >= 3
+    assert cb["eigen_solves"] == cb["earlier_sessions"]["eigen_solves"] + cb["eigen_solves_this_session"] >= c["eigen_solves"]
 
 
 def test_coarse_voltage_is_refined_recorded_and_used(tmp_path):

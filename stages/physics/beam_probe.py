@@ -80,6 +80,9 @@ class ProbeResult:
     holz_difference: float | None = None
     holz_difference_beam: list = field(default_factory=list)
     ladder_zolz: list = field(default_factory=list)  # the ZOLZ ladder, when "auto" went on to HOLZ
+    #: the probe's own cost: solve calls (each a batch of tilts) and tilts solved, for the stage's counters
+    eigen_solves: int = 0
+    tilts_solved: int = 0
 
     def as_dict(self) -> dict:
         return {"sg_strong": self.selection.sg_strong, "accuracy": self.accuracy, "error": self.error,
@@ -88,7 +91,7 @@ class ProbeResult:
                 "n_probe_tilts": self.n_probe_tilts, "thickness_A": self.thickness_A, "wall_s": self.wall_s,
                 "laue_zones": self.laue_zones, "laue_zones_config": self.laue_zones_config,
                 "holz_difference": self.holz_difference, "holz_difference_beam": self.holz_difference_beam,
-                "ladder_zolz": self.ladder_zolz}
+                "ladder_zolz": self.ladder_zolz, "eigen_solves": self.eigen_solves, "tilts_solved": self.tilts_solved}
 
 
 def probe_tiles(model, kt, tile_invA: float, n_tiles: int = 5) -> list[tuple[int, int]]:
@@ -115,7 +118,8 @@ def _tile_tilts(model, cell, tile_invA: float) -> np.ndarray:
     return model.geometry.kt_from_xy(x, y)
 
 
-def _solve_tile(model, selection: Selection, cell, tilts, out, tile_invA: float, method: str) -> tuple:
+def _solve_tile(model, selection: Selection, cell, tilts, out, tile_invA: float, method: str,
+                tally: dict | None = None) -> tuple:
     """(solution, strong beams, Bethe beams) of the probe tilts of one tile with its run-time beam set."""
     geo = model.geometry
     centre = geo.kt_from_xy(cell[0] * tile_invA, cell[1] * tile_invA)[None, :]
@@ -126,7 +130,15 @@ def _solve_tile(model, selection: Selection, cell, tilts, out, tile_invA: float,
     finally:
         model.selection = saved
     sol = solve(geo, model.potential, beams, tilts, out, method, coupling_matrices(model.potential, beams))
+    if tally is not None:
+        _count(tally, len(tilts))
     return sol, beams.n_strong, len(beams.weak)
+
+
+def _count(tally: dict, n_tilts: int, n_solves: int = 1) -> None:
+    """Add ``n_solves`` eigen-solves (one solve call: a batch of tilts) of ``n_tilts`` tilts to ``tally``."""
+    tally["eigen_solves"] = tally.get("eigen_solves", 0) + n_solves
+    tally["tilts_solved"] = tally.get("tilts_solved", 0) + n_tilts
 
 
 def probe_selection(model, kt, out_hkl, thickness_A, accuracy: float = DEFAULT_ACCURACY,
@@ -168,8 +180,10 @@ def probe_selection(model, kt, out_hkl, thickness_A, accuracy: float = DEFAULT_A
         field_max = model.solve_tiled(sample, out, tile_invA=tile, threads=1).intensities(t).max(axis=(0, 1))
     finally:
         model.selection = saved
+    tally: dict = {}
+    _count(tally, len(sample))
     rungs = [base.sg_strong] if fixed else [x for x in ladder if x <= base.sg_max] or [base.sg_max]
-    run = partial(_ladder, model, cells, tilts, out, t, tile, field_max, rungs, accuracy)
+    run = partial(_ladder, model, cells, tilts, out, t, tile, field_max, rungs, accuracy, tally=tally)
     holz_diff, holz_beam, ladder_zolz = None, [], []
     if zones == "holz":
         best, results, n_ref, scale = run(replace(base, holz=True))
@@ -179,8 +193,8 @@ def probe_selection(model, kt, out_hkl, thickness_A, accuracy: float = DEFAULT_A
             chosen = replace(base, holz=False, sg_strong=best["sg_strong"])
             per_beam = np.zeros(len(out))
             for c in cells:
-                zs, _, _ = _solve_tile(model, chosen, c, tilts[c], out, tile, model.method)
-                hs, _, _ = _solve_tile(model, replace(chosen, holz=True), c, tilts[c], out, tile, model.method)
+                zs, _, _ = _solve_tile(model, chosen, c, tilts[c], out, tile, model.method, tally)
+                hs, _, _ = _solve_tile(model, replace(chosen, holz=True), c, tilts[c], out, tile, model.method, tally)
                 per_beam = np.maximum(per_beam, (np.abs(zs.intensities(t) - hs.intensities(t)) / scale).max(axis=(0, 1)))
             holz_diff, holz_beam = float(per_beam.max()), out[int(np.argmax(per_beam))].tolist()
             if holz_diff > accuracy:
@@ -194,10 +208,11 @@ def probe_selection(model, kt, out_hkl, thickness_A, accuracy: float = DEFAULT_A
                        ladder=results, worst_beam=best["worst_beam"], n_reference_max=int(n_ref),
                        n_probe_tilts=5 * len(cells), thickness_A=[float(x) for x in t], wall_s=time.perf_counter() - t0,
                        laue_zones=zones, laue_zones_config=laue_zones or zones, holz_difference=holz_diff,
-                       holz_difference_beam=holz_beam, ladder_zolz=ladder_zolz)
+                       holz_difference_beam=holz_beam, ladder_zolz=ladder_zolz,
+                       eigen_solves=int(tally.get("eigen_solves", 0)), tilts_solved=int(tally.get("tilts_solved", 0)))
 
 
-def _ladder(model, cells, tilts, out, t, tile, field_max, rungs, accuracy, base: Selection):
+def _ladder(model, cells, tilts, out, t, tile, field_max, rungs, accuracy, base: Selection, tally: dict | None = None):
     """Bisection over ``rungs`` of sg_strong for ``base`` against its reference: (best rung record, all
     records in rung order, largest reference beam count, per-beam scale)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -221,6 +236,8 @@ def _ladder(model, cells, tilts, out, t, tile, field_max, rungs, accuracy, base:
             done = list(ex.map(one, jobs))
     else:
         done = [one(k) for k in jobs]
+    if tally is not None:  # one exact solve per reference tilt (counted here: the threads share no counter)
+        _count(tally, len(jobs), len(jobs))
     n_ref = max(n for _, n in done)
     ref, i = {}, 0
     for c in cells:
@@ -235,7 +252,7 @@ def _ladder(model, cells, tilts, out, t, tile, field_max, rungs, accuracy, base:
             sel = replace(base, sg_strong=float(rungs[i]))
             per_beam, ns_max, nw_max = np.zeros(len(out)), 0, 0
             for c in cells:
-                sol, ns, nw = _solve_tile(model, sel, c, tilts[c], out, tile, model.method)
+                sol, ns, nw = _solve_tile(model, sel, c, tilts[c], out, tile, model.method, tally)
                 per_beam = np.maximum(per_beam, (np.abs(sol.intensities(t) - ref[c]) / scale).max(axis=(0, 1)))
                 ns_max, nw_max = max(ns_max, ns), max(nw_max, nw)
             evaluated[i] = {"sg_strong": float(rungs[i]), "error": float(per_beam.max()), "n_strong_max": ns_max,

@@ -111,6 +111,41 @@ def _cif_spacegroup(st: gemmi.SmallStructure, path: Path) -> gemmi.SpaceGroup:
     return chosen
 
 
+def _first_tag(path: Path, block: str, tags: tuple) -> str:
+    """The tag of ``tags`` the CIF uses (the first, when it uses none): for messages."""
+    return next((t for t in tags if _cif_value(path, block, t) is not None), tags[0])
+
+
+def _check_symbols_agree(st: gemmi.SmallStructure, path: Path, sg: gemmi.SpaceGroup) -> None:
+    """The space-group number, the Hermann-Mauguin symbol and the Hall symbol a CIF gives must name the group
+    it is read in (:func:`_cif_spacegroup`: the operation loop, else the symbols).  gemmi takes one of them and
+    ignores the rest, so ``_space_group_IT_number 227`` with H-M ``'P 1'`` ran as P 1 with one atom in the cell
+    instead of 8: a contradiction is refused, naming the item that disagrees."""
+    decided = ("the listed operations" if st.symops else "the Hall symbol" if st.spacegroup_hall.strip()
+               else "the Hermann-Mauguin symbol")
+    said = []
+    if st.spacegroup_number:
+        tag = _first_tag(path, st.name, ("_space_group_IT_number", "_symmetry_Int_Tables_number"))
+        said.append((tag, str(st.spacegroup_number), st.spacegroup_number))
+    if st.spacegroup_hm.strip() and (st.symops or st.spacegroup_hall.strip()):
+        named = gemmi.find_spacegroup_by_name(st.spacegroup_hm)
+        tag = _first_tag(path, st.name, ("_space_group_name_H-M_alt", "_symmetry_space_group_name_H-M"))
+        said.append((tag, repr(st.spacegroup_hm), None if named is None else named.number))
+    if st.spacegroup_hall.strip() and st.symops:
+        try:
+            by_hall = gemmi.find_spacegroup_by_ops(gemmi.symops_from_hall(st.spacegroup_hall))
+        except (RuntimeError, ValueError):
+            by_hall = None
+        tag = _first_tag(path, st.name, ("_space_group_name_Hall", "_symmetry_space_group_name_Hall"))
+        said.append((tag, repr(st.spacegroup_hall), None if by_hall is None else by_hall.number))
+    for tag, text, number in said:
+        if number is not None and number != sg.number:
+            raise QcbedInputError(f"{path}: {tag}", f"{text} is space group No. {number}, but {decided} name "
+                                  f"{sg.xhm()} (No. {sg.number})",
+                                  "make the number, the symbol and the operation loop name one group (correct the "
+                                  "wrong one: the atoms are expanded by its operations)")
+
+
 def read_cif(path: str | Path) -> Crystal:
     path = Path(path)
     try:
@@ -121,6 +156,7 @@ def read_cif(path: str | Path) -> Crystal:
     if st.cell.a <= 1e-6:
         raise QcbedInputError(f"{path}: _cell_length_a", "the CIF has no unit cell", "add the _cell_* items")
     sg = _cif_spacegroup(st, path)
+    _check_symbols_agree(st, path, sg)
     sites = []
     for i, s in enumerate(st.sites):
         el = s.element.name if s.element.atomic_number > 0 else normalise_element(

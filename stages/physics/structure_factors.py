@@ -200,6 +200,24 @@ def is_systematically_absent(crystal: Crystal, hkl) -> bool:
         return True
 
 
+def absence_kind(crystal: Crystal, hkl) -> str | None:
+    """Why a reflection is systematically absent: None (it is not), "centring" or "glide/screw".
+
+    "centring": a pure lattice translation of the space group (R = 1, t a centring vector, e.g. F: h k l
+    of mixed parity, (1 0 0) of Si) gives U(h) = exp(2 pi i h.t) U(h) with a phase other than 1: h is not a
+    point of the centred reciprocal lattice, so no beam ever travels there, kinematically or dynamically.
+    "glide/screw": absent only through an operation with a rotation (e.g. (2 0 0) of Si, by the d glide):
+    the kinematic amplitude is zero but the beam exists and is excited by double diffraction."""
+    if not is_systematically_absent(crystal, hkl):
+        return None
+    h0 = _as_hkl(hkl)[0].astype(float)
+    rot, tra = crystal.symops
+    pure = [t for r, t in zip(rot, tra) if np.allclose(r, np.eye(3))]
+    if any(abs(np.exp(_TWO_PI_I * (t @ h0)) - 1) > 1e-9 for t in pure):
+        return "centring"
+    return "glide/screw"
+
+
 def centric_phase(crystal: Crystal, hkl) -> float | None:
     """Allowed phase φ0 [rad] of a centric reflection (U = ±|U| e^{iφ0}), or None if acentric.
 
