@@ -51,6 +51,7 @@ import contextlib  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
 import threading  # noqa: E402
+import traceback  # noqa: E402
 
 from prefect import flow, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
@@ -86,18 +87,27 @@ def _filter_console_logs() -> None:
 _filter_console_logs()
 
 @contextlib.contextmanager
-def signals_blocked(signals=(signal.SIGINT,)):
-    """Child processes started inside inherit a blocked SIGINT (POSIX signal masks survive fork and
-    exec): the terminal sends Ctrl-C to the whole process group, and Prefect's temporary server or a
-    local dask worker killed by it leaves this process retrying the dead server for minutes or losing
-    its workers.  This process handles the signal itself and shuts its children down."""
+def signals_blocked(signals=(signal.SIGINT,), ignore: bool = False):
+    """Child processes started inside do not get the terminal's Ctrl-C: the terminal sends it to the
+    whole process group, and Prefect's temporary server or a local dask worker killed by it leaves this
+    process retrying the dead server for minutes or losing its workers mid-stage.  This process handles
+    the signal itself and shuts its children down.
+
+    The signal is blocked (POSIX signal masks survive fork and exec: enough for subprocess.Popen, e.g.
+    Prefect's server); ``ignore`` also sets it to SIG_IGN for the duration, which multiprocessing's
+    spawned children (dask's worker processes, which do not inherit the mask) keep, since Python
+    installs no SIGINT handler over an ignored one.  A Ctrl-C meanwhile is then lost, so ``ignore``
+    only around a short start-up."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    handlers = {s: signal.signal(s, signal.SIG_IGN) for s in signals} if ignore else {}
     try:
         yield
     finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
@@ -192,11 +202,29 @@ def _remote_stage(config_source: str, run_dir: str, stage: str, stop_name: str |
         with threadpool_limits(1, user_api="blas"):
             plan = P.make_plan(load_run_config(config_source), Path(run_dir).parent, run_dir=run_dir)
             return P.run_stage(plan, stage)
+    except Exception as exc:  # noqa: BLE001  -- returned, not raised: see RemoteFailure
+        return RemoteFailure(exc, traceback.format_exc())
     finally:
         finished.set()
 
 
-def _await_remote(client, fut, stop_name: str | None, grace_s: float = 10.0):
+class RemoteFailure:
+    """A stage's exception on a dask worker, returned as its result: a raised one makes every worker
+    log "Compute Failed" with its traceback on the batch's console; this way the main process raises it
+    (with the worker's traceback for the run's error.log) and the console gets the run's one line."""
+
+    def __init__(self, exc: BaseException, traceback_text: str):
+        self.exc, self.traceback_text = exc, traceback_text
+
+    def reraise(self):
+        try:
+            self.exc.remote_traceback = self.traceback_text
+        except AttributeError:
+            pass
+        raise self.exc
+
+
+def _await_remote(client, fut, stop_name: str | None, grace_s: float = 5.0):
     """The result of a stage's dask future, watching this process's stop flag meanwhile.
 
     On a stop: sets the batch's stop event (the stage stops at its next check, after its last
@@ -206,15 +234,19 @@ def _await_remote(client, fut, stop_name: str | None, grace_s: float = 10.0):
 
     while True:
         try:
-            return fut.result(timeout=0.5)
+            res = fut.result(timeout=0.5)
         except TimeoutError:
-            pass
+            res = None
+        else:
+            if isinstance(res, RemoteFailure):
+                res.reraise()
+            return res
         if interrupt.stop_requested():
             if stop_name:
                 Event(stop_name, client=client).set()
             try:
                 fut.result(timeout=grace_s)
-            except Exception:  # noqa: BLE001  -- Interrupted from the worker, or cancelled
+            except Exception:  # noqa: BLE001  -- timed out, or cancelled: the cluster is closed next
                 pass
             fut.cancel()
             raise Interrupted()
@@ -251,11 +283,13 @@ def stage_task(config_source: str, run_dir: str, stage: str, remote: bool = Fals
 def write_error_log(run_dir: Path, exc: BaseException) -> Path | None:
     """``results/<run>/error.log``: the traceback of the run's failure (the console gets one line)."""
     import datetime as dt
-    import traceback
 
     path = Path(run_dir) / ERROR_LOG
     try:
         text = "".join(traceback.format_exception(exc))
+        remote = getattr(exc, "remote_traceback", None)
+        if remote:
+            text += f"\nOn the dask worker:\n{remote}"
         P.atomic_write_text(path, f"{dt.datetime.now().isoformat(timespec='seconds')} {type(exc).__name__}: {exc}\n\n{text}")
     except OSError:
         return None
@@ -387,7 +421,7 @@ def refine_many(config_sources: list[str], results_dir: str = "results", dask_ad
     import uuid
 
     with stop_on_signals():
-        with _LOCK, signals_blocked():  # worker processes: the terminal's Ctrl-C is for this process
+        with _LOCK, signals_blocked(ignore=True):  # worker processes: the terminal's Ctrl-C is for this process
             client = dask_client(dask_address, n_workers)
             _CLIENT["client"] = client
             _CLIENT["stop_name"] = f"qcbed-stop-{uuid.uuid4().hex}"
