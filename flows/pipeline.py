@@ -288,7 +288,8 @@ def write_error_log(run_dir: Path, exc: BaseException) -> Path | None:
     try:
         text = "".join(traceback.format_exception(exc))
         remote = getattr(exc, "remote_traceback", None)
-        if remote:
+        frames = [x.strip() for x in (remote or "").splitlines() if x.strip().startswith("File ")]
+        if frames and frames[-1] not in text:  # dask may have carried the worker's frames already
             text += f"\nOn the dask worker:\n{remote}"
         P.atomic_write_text(path, f"{dt.datetime.now().isoformat(timespec='seconds')} {type(exc).__name__}: {exc}\n\n{text}")
     except OSError:

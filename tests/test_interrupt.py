@@ -48,6 +48,7 @@ def test_stop_abandons_an_eigen_solve_between_tiles(si):
     assert model.solve_tiled(kt, out, threads=2).n_tilts == len(kt)
 
 
+@pytest.mark.slow
 def test_interrupted_fine_stage_keeps_checkpoints_and_resumes_exactly(tmp_path):
     """A stop after the 2nd checkpoint: Interrupted, fine not 'done' (no fine.zarr), the trace kept; the
     next run resumes after iteration 2 and ends with the uninterrupted run's bits."""
