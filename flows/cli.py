@@ -311,30 +311,106 @@ def _print_results(plan) -> None:
         print(f"    {p['name']:<26}{p['value']:>14.7g} ± {p['sigma']:.2g} {p['units']}{iam}")
 
 
-def cmd_run(args) -> int:
-    """Run configs through the Prefect pipeline: one in this process, several in parallel on dask."""
+def continue_command(argv: list[str] | None) -> str:
+    """The command line that continues a stopped run: the same one (stages skip, fine resumes)."""
+    import shlex
+
+    return "qcbed " + " ".join(shlex.quote(a.strip()) for a in (argv or ["run", "CONFIG"]))
+
+
+def interrupted_line(signame: str, runs: list[Path], argv: list[str] | None) -> str:
+    """One line after a stop by a signal: where each unfinished run stands and how to continue."""
     from stages import pipeline as P
 
+    parts = []
+    for r in runs:
+        st = P.run_status(r)
+        left = [s for s, v in st.stages.items() if v != "done"]
+        if not left:
+            continue
+        where = f"{r.name}: {left[0]} not finished"
+        if st.last_iteration is not None and "fine" in left:
+            where += f", fine checkpoint at iteration {st.last_iteration} kept in {r / P.TRACE}"
+        parts.append(where)
+    state = "; ".join(parts) if parts else "every run had finished"
+    return f"qcbed: stopped by {signame} ({state}); to continue, run the same command: {continue_command(argv)}"
+
+
+def run_outcome(run_dir: Path, result: dict | None) -> tuple[str, str]:
+    """(status, GOF or error) of one run of a batch, for the summary table."""
+    from stages import pipeline as P
+
+    if result and "error" in result:
+        log = result.get("error_log")
+        return "failed", result["error"].splitlines()[0] + (f" (traceback: {log})" if log else "")
+    if result and "interrupted" in result:
+        return "interrupted", f"stopped by {result['interrupted']}"
+    st = P.run_status(run_dir)
+    if result is not None:  # {stage: status} of every stage asked for (--until may stop early)
+        return "finished", f"{st.gof_name} {st.gof:.6g}" if st.gof is not None and st.stages.get("fine") == "done" else ""
+    left = [s for s, v in st.stages.items() if v != "done"]
+    return "incomplete", f"{', '.join(left)} not done" if left else ""
+
+
+def summary_table(rows: list[tuple[str, str, str]]) -> str:
+    """The batch summary: run, status, GOF (finished) or error (failed), one row per run."""
+    head = ("run", "status", "GOF / error")
+    w0 = max(len(head[0]), *(len(r[0]) for r in rows))
+    w1 = max(len(head[1]), *(len(r[1]) for r in rows))
+    lines = [f"{head[0]:<{w0}}  {head[1]:<{w1}}  {head[2]}"]
+    lines += [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def cmd_run(args) -> int:
+    """Run configs through the Prefect pipeline: one in this process, several in parallel on dask.
+
+    Exit 0 when every run finished, 1 when one failed (the others still run; a summary table at the
+    end), 130 when stopped by SIGINT/SIGTERM (the stage in progress not written; the fine checkpoints
+    kept, so the same command continues)."""
+    from stages import pipeline as P
+    from stages.errors import QcbedInputError
+    from stages.interrupt import EXIT_CODE, Interrupted, stop_on_signals, stop_requested, stop_signal
+
     cfgs = _validate_all(args.config)
-    from flows.pipeline import refine_many, refine_pattern
+    from flows.pipeline import failure_line, refine_many, refine_pattern, start_temporary_server
 
     plans = [P.make_plan(c, args.results) for c in cfgs]
     runs = [p.run_dir for p in plans]
     if len(set(runs)) != len(runs):
-        from stages.errors import QcbedInputError
-
         raise QcbedInputError("CONFIG", "two configs write the same results folder",
                               "give each a distinct file name or [run] name")
+    argv = getattr(args, "argv", None)
     t0 = time.perf_counter()
-    if len(args.config) == 1 and not args.dask_address:
-        refine_pattern(str(args.config[0]), str(args.results), until=args.until)
-        failed = False
-    else:
-        out = refine_many([str(c) for c in args.config], str(args.results), args.dask_address,
-                          min(args.workers, len(args.config)) if not args.dask_address else args.workers, args.until)
-        failed = any("error" in v for v in out.values())
+    with stop_on_signals():
+        try:
+            start_temporary_server()
+            if len(args.config) == 1 and not args.dask_address:
+                try:
+                    refine_pattern(str(args.config[0]), str(args.results), until=args.until)
+                except (QcbedInputError, Interrupted):
+                    raise
+                except Exception as exc:  # noqa: BLE001  -- one line; the traceback is in the run's error.log
+                    print(failure_line(runs[0].name, exc, getattr(exc, "qcbed_error_log", None)), file=sys.stderr)
+                    return 1
+                out = None
+            else:
+                out = refine_many([str(c) for c in args.config], str(args.results), args.dask_address,
+                                  min(args.workers, len(args.config)) if not args.dask_address else args.workers,
+                                  args.until)
+        except Interrupted as exc:
+            print(interrupted_line(exc.signame, runs, argv), file=sys.stderr, flush=True)
+            return EXIT_CODE
+        if stop_requested():
+            print(interrupted_line(stop_signal(), runs, argv), file=sys.stderr, flush=True)
+            return EXIT_CODE
     for p in plans:
         _print_results(p)
+    failed = False
+    if out is not None:
+        rows = [(r.name, *run_outcome(r, out.get(str(c)))) for r, c in zip(runs, args.config)]
+        failed = any(st != "finished" for _, st, _ in rows)
+        print(summary_table(rows))
     print(f"finished in {time.perf_counter() - t0:.0f} s")
     return 1 if failed else 0
 
@@ -660,6 +736,7 @@ def main(argv=None) -> int:
     from stages.config import QcbedInputWarning
     from stages.errors import QcbedInputError
 
+    args.argv = argv
     try:
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always", QcbedInputWarning)

@@ -42,6 +42,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from .errors import QcbedInputError
+from .interrupt import check_stop
 from .physics.gof import BaseGOF
 from .physics.pattern_geometry import PatternGeometry
 from .physics.sampling import (PSF_RADIUS_GAMMA, PSF_RADIUS_SIGMA, convolve_valid, cubic_support,
@@ -929,6 +930,7 @@ def refine(problem: FineProblem, max_iterations: int = 200, xatol: float = 1e-4,
     converged = False
     bounds = [(0.0, 1.0)] * n
     while it < max_iterations:
+        check_stop()  # SIGINT/SIGTERM: stop after the last checkpointed iteration (stages.interrupt)
         res = minimize(objective, sim[0], method="Nelder-Mead", bounds=bounds,
                        options={"initial_simplex": sim, "maxiter": 2, "xatol": xatol, "fatol": fatol, "adaptive": n > 2})
         sim, fsim = res.final_simplex
@@ -1567,6 +1569,7 @@ def levenberg_marquardt(problem: FineProblem, max_steps: int = 200, tol_sigma: f
     trace, converged, ratio, stop = [], False, np.inf, "max_steps"
     prof = profiled_mask(problem)
     while k < max_steps:
+        check_stop()  # SIGINT/SIGTERM: stop after the last checkpointed step (stages.interrupt)
         ratio, damped, step_sigma = _lm_proposal(problem, J, r, v, f, profiled=prof)
         if on_proposal is not None:
             on_proposal(k, step_sigma)

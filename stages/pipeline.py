@@ -59,6 +59,7 @@ import xarray as xr
 from . import __version__
 from . import config as C
 from .errors import QcbedInputError
+from .interrupt import check_stop
 from .store import CorruptStore, open_store, replace_dir, set_aside, verify_store, write_store, writing
 
 STAGES = ("load", "roi", "iam", "variance", "coarse", "fine", "report")
@@ -1211,8 +1212,11 @@ SECTION = {"load": "pattern", "roi": "roi", "iam": "simulation", "variance": "pa
 
 
 def run_stage(plan: Plan, stage: str, say=_say) -> str:
-    """Run one stage unless its store is up to date; returns 'skipped', 'done' or 'resumed'."""
+    """Run one stage unless its store is up to date; returns 'skipped', 'done' or 'resumed'.
+
+    Raises :class:`stages.interrupt.Interrupted` (store not written) when a stop was requested."""
     tag = f"[{plan.run_dir.name}] {stage}"
+    check_stop()
     state, detail = store_check(plan, stage)
     if state == "done":
         if detail == "unverified":

@@ -28,6 +28,7 @@ from .physics.geometry import Geometry
 from .physics.scattering import TABLE_REFERENCES
 from .physics.structure_factors import Potential
 from .physics.tilt_symmetry import map_tilts, symmetric_overrides, symmetric_values, valid_operations
+from .interrupt import Interrupted, check_stop
 
 
 def solver_threads() -> int:
@@ -163,6 +164,7 @@ class ForwardModel:
         self.potential.get(np.zeros((1, 3), int))  # warm the potential's tables before threads share it
 
         def one(job):
+            check_stop()  # a stop request abandons the solve between tiles (stages.interrupt)
             idx, beams, o = job
             return idx, solve(geo, self.potential, beams, kt[idx], o, self.method, coupling_matrices(self.potential, beams),
                               dpot=dpot, deriv_thickness_A=deriv_thickness_A)
@@ -170,7 +172,11 @@ class ForwardModel:
         n_threads = min(solver_threads() if threads is None else int(threads), len(jobs))
         if n_threads > 1:
             with ThreadPoolExecutor(n_threads, thread_name_prefix="qcbed-tile") as ex:
-                parts = list(ex.map(one, jobs))
+                try:
+                    parts = list(ex.map(one, jobs))
+                except Interrupted:
+                    ex.shutdown(wait=True, cancel_futures=True)  # tiles not started are dropped
+                    raise
         else:
             parts = [one(j) for j in jobs]
         if tmap is None:
