@@ -42,15 +42,20 @@ def test_sigma_covers_the_truth_cbed():
 
 
 @pytest.mark.slow
-def test_sigma_of_larbed_structure_factors_is_not_too_small():
-    """The LARBED case (bench/coverage.py, 30 draws: structure factors 83.3 % within 1 sigma and 95.0 % within 2,
-    all parameters 79.5 % and 98.1 %: over-covered, see the README) is covered at least as often as correct
-    errors would be: its errors are not too small (6 draws, 12 structure-factor z: >= 50 % within 1 sigma and
-    >= 83 % within 2, 1.5 and 2 binomial standard errors below 68 % and 95 %; all 42 z: >= 85 % within 2)."""
+def test_sigma_covers_the_truth_larbed():
+    """6 noise draws of the LARBED case near the zone axis (5 disks, PSF refined: 7 parameters, 42 z), the same
+    bounds as CBED: [45, 90] % within 1 sigma and >= 83 % within 2.  50 draws (bench/coverage.py): 70.0 % and
+    93.7 % (structure factors 61.0 / 89.0: their errors about 1.2x too small, see the README); seeds 5-10: 62 %
+    and 98 %.  The structure factors alone (12 z, binomial standard errors 13 % and 6 %): >= 40 % within 1 sigma
+    and >= 75 % within 2 (2 and 3 standard errors below 68 % and 95 %; seeds 5-10: 58 % and 92 %).  chi^2/nu_eff
+    averages to 1 within 0.1 (spread per draw 0.031)."""
     cv = _bench()
     res = cv.run_case("larbed", 6, workers=2, seed0=5)
+    assert all(r["converged"] for r in res)
     t = cv.coverage_table("larbed", res)
-    c = t["classes"]["structure factors"]
-    assert len(t["false_minima"]) <= 1 and c["within1"] >= 0.5 and c["within2"] >= 0.83, t
-    assert t["classes"]["all"]["within2"] >= 0.85, t
+    assert not t["false_minima"], t
+    c = t["classes"]["all"]
+    assert 0.45 <= c["within1"] <= 0.90 and c["within2"] >= 0.83, t
+    sf = t["classes"]["structure factors"]
+    assert sf["within1"] >= 0.40 and sf["within2"] >= 0.75, t
     assert abs(np.mean(t["chi2_eff"]) - 1.0) < 0.1, t["chi2_eff"]
