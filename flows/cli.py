@@ -14,6 +14,7 @@ import json  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 REPO_DATA = Path(__file__).resolve().parent.parent / "data"
@@ -731,26 +732,34 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    import warnings
-
     from stages.config import QcbedInputWarning
     from stages.errors import QcbedInputError
 
     args.argv = argv
+    seen: list = []
     try:
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always", QcbedInputWarning)
-            try:
-                return args.func(args)
-            finally:  # a config warning is one line, as an error is, once (the config is validated more than once)
-                for text in dict.fromkeys(str(w.message) for w in seen if issubclass(w.category, QcbedInputWarning)):
-                    print(f"qcbed: warning: {text}", file=sys.stderr)
-                for w in seen:
-                    if not issubclass(w.category, QcbedInputWarning):
-                        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            return args.func(args)
     except QcbedInputError as exc:
         print(f"qcbed: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        _emit_warnings(seen)
+
+
+def _emit_warnings(seen: list) -> None:
+    """The warnings recorded during a command, after it: a config warning as one line, once (the config is
+    validated more than once), the others as Python shows them.  Called outside the recording context: a
+    warning re-emitted inside it would be recorded again (the list then grows while it is read: the command
+    never returned)."""
+    from stages.config import QcbedInputWarning
+
+    for text in dict.fromkeys(str(w.message) for w in seen if issubclass(w.category, QcbedInputWarning)):
+        print(f"qcbed: warning: {text}", file=sys.stderr)
+    for w in seen:
+        if not issubclass(w.category, QcbedInputWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -102,3 +102,27 @@ def test_absorption_per_reflection_file(tmp_path):
     bad.write_text("[[reflection]]\nhkl = [1, 1, 1]\n")
     assert main(["simulate", str(DATA / "si.toml"), "--hv", "200", "--zone", "1", "1", "0", "--thickness", "100",
                  "--absorption", str(bad)]) == 2
+
+
+def test_warnings_of_a_command_are_shown_after_it_and_it_returns(monkeypatch, capsys):
+    """A command that warns returns (the warnings recorded during it were re-emitted inside the recording
+    context, so the list grew while it was read and `qcbed run` never exited after "finished"); a config
+    warning is printed as one line, once; other warnings as Python shows them."""
+    import warnings
+
+    from flows import cli
+    from stages.config import QcbedInputWarning
+
+    def fake_status(args):
+        warnings.warn("roi.disks[1]: 0 0 2 is kinematically absent", QcbedInputWarning)
+        warnings.warn("roi.disks[1]: 0 0 2 is kinematically absent", QcbedInputWarning)
+        warnings.warn("a library's own warning", RuntimeWarning)
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_status", fake_status)
+    with warnings.catch_warnings(record=True) as outer:
+        warnings.simplefilter("always")
+        assert cli.main(["status", "nowhere"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("qcbed: warning: roi.disks[1]: 0 0 2 is kinematically absent") == 1
+    assert [str(w.message) for w in outer] == ["a library's own warning"]
