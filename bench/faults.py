@@ -136,11 +136,14 @@ def group_gone(pgid: int, wait_s: float = 10.0) -> bool:
 
 
 # ------------------------------------------------------------------------------ comparing results
-_UNTIMED = re.compile(r"(^|/)(counters|earlier_sessions)(/|$)|_s$|wall|(^|/)created$")
+# counters, times and the session record (resumed_from_iteration: where a resumed run continued) differ
+# between an interrupted and an uninterrupted run; the results do not
+_UNTIMED = re.compile(r"(^|/)(counters|earlier_sessions)(/|$)|_s$|wall|(^|/)created$|resumed_from")
 
 
 def result_numbers(run_dir: Path) -> dict:
-    """{path: number} of report/results.json, counters and times left out (they differ between sessions)."""
+    """{path: number} of report/results.json, counters, times and resumed_from_iteration left out (they
+    differ between sessions)."""
     d = json.loads((Path(run_dir) / "report" / "results.json").read_text())
     out = {}
 
