@@ -239,6 +239,30 @@ def test_damaged_trace_resumes_from_its_last_intact_row(tmp_path, monkeypatch, d
     assert len(said) == 1
 
 
+def test_trace_header_damaged_is_set_aside(tmp_path, monkeypatch):
+    """A garbled digit of gof_start in the trace's zarr.json (the JSON still reads) was reused by the resumed
+    run as the start GOF; the header now has its digest: the trace is set aside, the refinement starts over."""
+    t, said = _trace(tmp_path, monkeypatch=monkeypatch)
+    meta = t.path / "zarr.json"
+    text = meta.read_text()
+    assert '"gof_start": 1.0' in text
+    meta.write_text(text.replace('"gof_start": 1.0', '"gof_start": 7.0'))
+    assert t.open("k") is None
+    assert len(said) == 1 and "header" in said[0] and "gof_start" in said[0] and "starting over" in said[0]
+    assert not t.path.exists() and len(list(tmp_path.glob(".fine_trace.zarr.corrupt-*"))) == 1
+
+
+def test_trace_without_header_digest_still_opens(tmp_path, monkeypatch):
+    """A trace written before qcbed recorded the header digest opens as before."""
+    t, said = _trace(tmp_path, monkeypatch=monkeypatch)
+    g = zarr.open_group(str(t.path), mode="r+")
+    attrs = dict(g.attrs)
+    attrs.pop("header_digest")
+    g.attrs.clear()
+    g.attrs.update(attrs)
+    assert t.open("k")["iteration"].tolist() == [1, 2, 3, 4, 5] and said == []
+
+
 def test_trace_damaged_from_row_one_is_set_aside(tmp_path, monkeypatch):
     t, said = _trace(tmp_path, monkeypatch=monkeypatch)
     (t.path / "fsim" / "c" / "0" / "0").unlink()  # rows 1-2 read as zeros
