@@ -349,7 +349,8 @@ def damage_trial(ref: dict, work: Path, rng: random.Random, i: int) -> dict:
     else:
         set_aside = bool(list(run.glob(f".{store}.corrupt-*")))
         said = f"{run / store} was unreadable (corrupted" in out
-        recomputed = bool(re.search(rf"^\[{NAME}\] {stage}: done in", out, re.M))
+        # the fine stage recomputes from its trace: "resumed in"
+        recomputed = bool(re.search(rf"^\[{NAME}\] {stage}: (?:done|resumed) in", out, re.M))
         detected = set_aside and said and recomputed
         how = "set aside and recomputed" if detected else ""
     diff = compare(run, ref) if rc == 0 else f"rerun exit {rc}"
