@@ -270,4 +270,6 @@ def open_store(store: str | Path) -> xr.Dataset:
                            "run qcbed run again: it is recomputed") from None
     # chunks=None: plain numpy reads; with dask arrays, a dask client in the process (qcbed run with several
     # configs) would turn every read into a task queued behind the refinements on the cluster
-    return xr.open_zarr(store, consolidated=False, chunks=None).load()
+    ds = xr.open_zarr(store, consolidated=False, chunks=None).load()
+    ds.attrs.pop(MANIFEST_ATTR, None)  # the store's bookkeeping, not the dataset's: a round trip gives ds back
+    return ds
