@@ -281,6 +281,7 @@ def kill_trial(ref: dict, work: Path, rng: random.Random, i: int) -> dict:
 
 
 def kills(ref: dict, work: Path, n: int, rng: random.Random, say=print) -> list[dict]:
+    work.mkdir(parents=True, exist_ok=True)
     out = []
     for i in range(n):
         t = kill_trial(ref, work, rng, i)
@@ -368,6 +369,7 @@ def undetected_why(store: str, rel: str, kind: str, out: str) -> str:
 
 
 def damages(ref: dict, work: Path, m: int, rng: random.Random, say=print) -> list[dict]:
+    work.mkdir(parents=True, exist_ok=True)
     out = []
     for i in range(m):
         t = damage_trial(ref, work, rng, i)
@@ -416,6 +418,7 @@ def _error_lines(out: str, folder: Path, words: str) -> list[str]:
 def enospc(ref: dict, work: Path, rng: random.Random, fractions=(0.1, 0.25, 0.4, 0.5, 0.55, 0.6, 0.65, 0.8), say=print) -> list[dict]:
     """A run into a tmpfs of ``fraction`` x the reference run's bytes each; then the tmpfs grown and the
     same command again."""
+    work.mkdir(parents=True, exist_ok=True)
     out = []
     mounted = can_mount(work)
     for i, frac in enumerate(fractions):
@@ -491,6 +494,7 @@ def _snapshot(folder: Path) -> dict:
 def readonly(ref: dict, work: Path, say=print) -> dict:
     """The finished reference run on a read-only tmpfs; the config edited (more iterations: fine and report
     recompute); ``qcbed run``."""
+    work.mkdir(parents=True, exist_ok=True)
     data2 = work / "readonly-data"
     shutil.copytree(ref["cfg"].parent, data2, dirs_exist_ok=True)
     cfg2 = data2 / ref["cfg"].name
@@ -557,6 +561,7 @@ def _readonly_injected(ref, cfg2, results, work):
 
 # ------------------------------------------------------------------------------ sigint
 def sigint(ref: dict, work: Path, say=print) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
     import zarr
 
     results = work / "sigint"
@@ -594,6 +599,7 @@ def sigint(ref: dict, work: Path, say=print) -> dict:
 
 # ------------------------------------------------------------------------------ plugin
 def plugin(ref: dict, work: Path, say=print) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
     folder = work / "plugin-cfg"
     folder.mkdir(parents=True, exist_ok=True)
     for f in ref["cfg"].parent.iterdir():
