@@ -831,6 +831,12 @@ class TraceStore:
         if attrs.get("stage_key") != key:  # of other inputs: start over
             shutil.rmtree(self.path, ignore_errors=True)
             return None
+        head = attrs.get("header_digest")  # None: a trace written before qcbed recorded it
+        if isinstance(head, str) and head != _header_digest(attrs):
+            dest = set_aside(self.path)
+            self.say(f"{self.path}: its header (the start of the refinement: {', '.join(sorted(_header(attrs)))}) "
+                     f"differs from its digest at creation; moved to {dest.name}, starting over")
+            return None
         digests = attrs.get("row_digests")  # None: a trace written before qcbed recorded them
         rows, good, why = _intact_rows(arrays, n, digests if isinstance(digests, list) else None)
         if good < n:
@@ -872,7 +878,8 @@ class TraceStore:
             for name, tail in (extra or {}).items():
                 shape = (0,) + tuple(tail)
                 g.create_array(name, shape=shape, chunks=(c,) + shape[1:], dtype="f8")
-            g.attrs.update({"stage_key": key, "names": names, "n_committed": 0, "row_digests": [], **attrs})
+            head = {"stage_key": key, "names": names, **_header(attrs)}
+            g.attrs.update({**head, "n_committed": 0, "row_digests": [], "header_digest": _header_digest(head)})
         replace_dir(tmp, self.path)
 
     def append(self, row: dict) -> None:
@@ -896,6 +903,21 @@ class TraceStore:
             if isinstance(digests, list) and len(digests) == n:  # a trace from before row digests keeps none
                 upd["row_digests"] = digests + [_row_digest(stored)]
             g.attrs.update(upd)
+
+
+#: root attributes of a trace that change after its creation (every commit); the others are its header
+_TRACE_COUNTERS = ("n_committed", "row_digests", "header_digest")
+
+
+def _header(attrs: dict) -> dict:
+    """The attributes a trace was created with (key, parameter names, the start GOF a resume reports...)."""
+    return {k: v for k, v in attrs.items() if k not in _TRACE_COUNTERS}
+
+
+def _header_digest(attrs: dict) -> str:
+    """Digest of a trace's header: the row digests cover the rows, this the start values a resume reuses
+    (``gof_start``), which a garbled digit in zarr.json would change while the JSON still reads."""
+    return hashlib.sha256(canonical(_header(attrs)).encode()).hexdigest()[:16]
 
 
 def _row_digest(row: dict) -> str:

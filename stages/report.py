@@ -55,7 +55,7 @@ import numpy as np
 import xarray as xr
 
 from . import __version__
-from .store import open_store, replace_dir, write_error, write_manifest, writing
+from .store import MANIFEST_ATTR, MANIFEST_FORMAT, open_store, replace_dir, write_error, write_manifest, writing
 
 _LABEL = re.compile(r"^(?P<comp>[A-Za-z_]+)\((?P<h>-?\d+) (?P<k>-?\d+) (?P<l>-?\d+)\)$")
 R_FACTOR_DEFINITION = ("R = Σ|I_exp − I_model| / Σ|I_exp| over the samples the figure of merit used "
@@ -1249,7 +1249,8 @@ def write_report(run_dir, key: str | None = None, plots: bool = True, say=_say) 
         (tmp / "correlation.csv").write_text(correlation_csv(s))
         (tmp / "structure_factors.hkl").write_text(vesta_hkl_text(s, st.iam))
         (tmp / "deformation.hkl").write_text(vesta_hkl_text(s, st.iam, deformation=True))
-        (tmp / "record.json").write_text(json.dumps({"stage_key": key, "qcbed_version": __version__}) + "\n")
+        (tmp / "record.json").write_text(json.dumps({"stage_key": key, "qcbed_version": __version__,
+                                                     MANIFEST_ATTR: MANIFEST_FORMAT}) + "\n")
         write_manifest(tmp)
     return replace_dir(tmp, final)
 

@@ -35,6 +35,9 @@ from .errors import QcbedInputError
 
 MANIFEST = "qcbed_manifest.json"
 MANIFEST_FORMAT = 1
+#: the attribute (zarr.json; the report: record.json) saying a store was written with a manifest, so a store
+#: whose manifest was deleted is damaged, not one from before manifests
+MANIFEST_ATTR = "qcbed_manifest"
 # zarr lists every name in a group's folder and warns about a file that is not a zarr node: the manifest
 # is qcbed's own sidecar, not part of the hierarchy (this filter names that one file only)
 warnings.filterwarnings("ignore", message=f"Object at {MANIFEST} is not recognized", module="zarr")
@@ -132,10 +135,14 @@ def write_manifest(folder: str | Path) -> Path:
 def verify_store(folder: str | Path) -> str:
     """'verified' (every file as recorded), 'unverified' (no manifest: written before qcbed recorded
     them); raises :class:`CorruptStore` naming the first damaged file (missing, other size, other
-    digest, unexpected, or an unreadable manifest)."""
+    digest, unexpected, or an unreadable manifest), or when the manifest is missing from a store whose
+    metadata says it was written with one (:data:`MANIFEST_ATTR`)."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.exists():
+        if _written_with_manifest(folder):
+            raise CorruptStore(str(folder), f"damaged: {MANIFEST} is missing (the store was written with one)",
+                               "it is moved aside and recomputed")
         return "unverified"
     try:
         files = json.loads(path.read_text())["files"]
@@ -148,6 +155,20 @@ def verify_store(folder: str | Path) -> str:
     if problem:
         raise CorruptStore(str(folder), f"damaged: {problem}", "it is moved aside and recomputed")
     return "verified"
+
+
+def _written_with_manifest(folder: Path) -> bool:
+    """The store's metadata (zarr.json attributes, or record.json of a folder like the report) records
+    :data:`MANIFEST_ATTR`; unreadable metadata counts as not (read_key reports it)."""
+    for name in ("zarr.json", "record.json"):
+        try:
+            d = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        attrs = d.get("attributes", d) if isinstance(d, dict) else {}
+        if isinstance(attrs, dict) and MANIFEST_ATTR in attrs:
+            return True
+    return False
 
 
 def _first_difference(folder: Path, files: dict) -> str | None:
@@ -188,6 +209,7 @@ def write_store(ds: xr.Dataset, store: str | Path) -> Path:
         shutil.rmtree(junk, ignore_errors=True)
     tmp = parent / f".{store.name}.tmp-{uuid.uuid4().hex[:8]}"
     ds = _variable_length_strings(ds)
+    ds = ds.assign_attrs({MANIFEST_ATTR: MANIFEST_FORMAT})
     with writing(parent, tmp):
         ds.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False)
         write_manifest(tmp)
@@ -248,4 +270,6 @@ def open_store(store: str | Path) -> xr.Dataset:
                            "run qcbed run again: it is recomputed") from None
     # chunks=None: plain numpy reads; with dask arrays, a dask client in the process (qcbed run with several
     # configs) would turn every read into a task queued behind the refinements on the cluster
-    return xr.open_zarr(store, consolidated=False, chunks=None).load()
+    ds = xr.open_zarr(store, consolidated=False, chunks=None).load()
+    ds.attrs.pop(MANIFEST_ATTR, None)  # the store's bookkeeping, not the dataset's: a round trip gives ds back
+    return ds

@@ -496,8 +496,10 @@ def test_old_or_damaged_fine_store_gives_one_message(runs, tmp_path, capsys):
 
     run = tmp_path / "old"
     shutil.copytree(runs[0].run_dir, run)
-    zarr.open_group(str(run / "fine.zarr"), mode="r+").attrs["qcbed_version"] = "0.0.1"
-    (run / "fine.zarr" / "qcbed_manifest.json").unlink()  # stores of qcbed 0.0.1 had no manifest
+    g = zarr.open_group(str(run / "fine.zarr"), mode="r+")
+    g.attrs["qcbed_version"] = "0.0.1"
+    del g.attrs["qcbed_manifest"]  # stores of qcbed 0.0.1 had no manifest, nor the attribute saying so
+    (run / "fine.zarr" / "qcbed_manifest.json").unlink()
     before = (run / "report" / "report.html").read_bytes()
     assert main(["report", str(run)]) == 2
     err = capsys.readouterr().err

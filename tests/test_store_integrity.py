@@ -119,11 +119,39 @@ def test_damaged_store_is_corrupt_and_set_aside_on_read(tmp_path, damage):
     assert not st.exists() and len(list(tmp_path.glob(".a.zarr.corrupt-*"))) == 1  # set aside, not deleted
 
 
+def _as_before_manifests(st: Path) -> None:
+    """Make ``st`` a store as written before qcbed recorded manifests: no manifest, no attribute saying
+    it was written with one."""
+    (st / S.MANIFEST).unlink()
+    meta = st / ("zarr.json" if (st / "zarr.json").exists() else "record.json")
+    d = json.loads(meta.read_text())
+    d.get("attributes", d).pop(S.MANIFEST_ATTR)
+    meta.write_text(json.dumps(d))
+
+
 def test_store_without_manifest_is_unverified_but_readable(tmp_path):
     st = _small_store(tmp_path)
-    (st / S.MANIFEST).unlink()  # as written before qcbed recorded manifests
+    _as_before_manifests(st)
     assert S.verify_store(st) == "unverified"
     assert S.open_store(st)["value"].values.tolist() == [1.5, -2.0, 3.25]
+
+
+def test_deleted_manifest_of_a_store_written_with_one_is_corrupt(finished, small, tmp_path):
+    """Found by bench/faults.py: a deleted manifest made a store read as 'unverified' (from before
+    manifests) and be used as it was, whatever else was damaged; its metadata now says it had one."""
+    st = _small_store(tmp_path)
+    (st / S.MANIFEST).unlink()
+    with pytest.raises(S.CorruptStore, match="qcbed_manifest.json is missing"):
+        S.verify_store(st)
+    plan = _copy_run(finished, small, tmp_path)
+    for s in ("variance", "report"):
+        (plan.store(s) / S.MANIFEST).unlink()
+        assert P.store_check(plan, s)[0] == "corrupt"
+    lines = []
+    out = P.run_all(plan, say=lines.append)
+    assert out["variance"] == out["report"] == "done" and out["fine"] == "skipped"
+    assert sum("qcbed_manifest.json is missing" in m for m in lines) == 2
+    assert P.store_check(plan, "variance") == P.store_check(plan, "report") == ("done", "verified")
 
 
 def test_garbled_fine_value_is_set_aside_and_recomputed(finished, small, tmp_path):
@@ -159,15 +187,15 @@ def test_deleted_file_of_a_done_store_recomputes_that_stage(finished, small, tmp
 
 def test_old_stores_without_manifests_stay_done_unverified(finished, small, tmp_path):
     plan = _copy_run(finished, small, tmp_path)
-    before = _snapshot(plan.run_dir)
     for s in plan.stages:
-        (plan.store(s) / S.MANIFEST).unlink()
+        _as_before_manifests(plan.store(s))
+    before = _snapshot(plan.run_dir)
     lines = []
     out = P.run_all(plan, say=lines.append)
     assert set(out.values()) == {"skipped"}
     assert sum("unverified" in m for m in lines) == len(plan.stages)  # once per store
     after = _snapshot(plan.run_dir)
-    assert {k: v for k, v in before.items() if not k.endswith(S.MANIFEST)} == after  # nothing recomputed
+    assert before == after  # nothing recomputed
 
 
 # ============================================================================ item 1: the fine trace
@@ -209,6 +237,30 @@ def test_damaged_trace_resumes_from_its_last_intact_row(tmp_path, monkeypatch, d
     again = t.open("k")
     assert again["iteration"].tolist() == list(range(1, first_bad + 2)) and again["gof"][-1] == 0.01
     assert len(said) == 1
+
+
+def test_trace_header_damaged_is_set_aside(tmp_path, monkeypatch):
+    """A garbled digit of gof_start in the trace's zarr.json (the JSON still reads) was reused by the resumed
+    run as the start GOF; the header now has its digest: the trace is set aside, the refinement starts over."""
+    t, said = _trace(tmp_path, monkeypatch=monkeypatch)
+    meta = t.path / "zarr.json"
+    text = meta.read_text()
+    assert '"gof_start": 1.0' in text
+    meta.write_text(text.replace('"gof_start": 1.0', '"gof_start": 7.0'))
+    assert t.open("k") is None
+    assert len(said) == 1 and "header" in said[0] and "gof_start" in said[0] and "starting over" in said[0]
+    assert not t.path.exists() and len(list(tmp_path.glob(".fine_trace.zarr.corrupt-*"))) == 1
+
+
+def test_trace_without_header_digest_still_opens(tmp_path, monkeypatch):
+    """A trace written before qcbed recorded the header digest opens as before."""
+    t, said = _trace(tmp_path, monkeypatch=monkeypatch)
+    g = zarr.open_group(str(t.path), mode="r+")
+    attrs = dict(g.attrs)
+    attrs.pop("header_digest")
+    g.attrs.clear()
+    g.attrs.update(attrs)
+    assert t.open("k")["iteration"].tolist() == [1, 2, 3, 4, 5] and said == []
 
 
 def test_trace_damaged_from_row_one_is_set_aside(tmp_path, monkeypatch):
