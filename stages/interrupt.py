@@ -107,7 +107,7 @@ def stop_on_signals(signals=(signal.SIGINT, signal.SIGTERM)):
     Only the main thread can install handlers; elsewhere this does nothing (the main thread's handlers
     serve the whole process).  Prefect's flow engine installs its own SIGTERM handler (raising
     TerminationSignal at an arbitrary point), so this is entered inside the flow body; the previous
-    handlers come back on exit."""
+    handlers come back on exit, unless a stop was requested."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -115,5 +115,9 @@ def stop_on_signals(signals=(signal.SIGINT, signal.SIGTERM)):
     try:
         yield
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        # after a stop the process is on its way out (Prefect's server and the dask cluster are shut down
+        # after this block): keep the handler, so that a second signal then still exits at once with its
+        # line, not with a KeyboardInterrupt traceback from inside that shutdown
+        if not STOP.is_set():
+            for s, h in old.items():
+                signal.signal(s, h)
