@@ -60,7 +60,7 @@ from . import __version__
 from . import config as C
 from .errors import QcbedInputError
 from .interrupt import check_stop
-from .store import CorruptStore, open_store, replace_dir, set_aside, verify_store, write_store, writing
+from .store import CorruptStore, file_digest, open_store, replace_dir, set_aside, verify_store, write_store, writing
 
 STAGES = ("load", "roi", "iam", "variance", "coarse", "fine", "report")
 #: the order when the coarse stage refines the voltage, cell or B: the IAM structure factors (and the report's
@@ -98,14 +98,6 @@ def canonical(obj) -> str:
 def stage_key(stage: str, parts: dict) -> str:
     """sha256 of the stage name, the package version and ``parts`` (config sections, input keys)."""
     return hashlib.sha256(canonical({"stage": stage, "qcbed_version": __version__, **parts}).encode()).hexdigest()
-
-
-def file_digest(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def input_files(cfg: C.RunConfig) -> dict[str, list[Path]]:

@@ -98,7 +98,8 @@ def _remove(path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ manifests
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 (hex) of a file's bytes, read in chunks: the manifests' digests and the stage keys' input files."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
@@ -120,7 +121,7 @@ def _files(folder: Path) -> list[str]:
 def manifest_of(folder: str | Path) -> dict:
     """{relative path: [size, sha256]} of every file of ``folder`` (the manifest excluded)."""
     folder = Path(folder)
-    return {rel: [(folder / rel).stat().st_size, _sha256(folder / rel)] for rel in _files(folder)}
+    return {rel: [(folder / rel).stat().st_size, file_digest(folder / rel)] for rel in _files(folder)}
 
 
 def write_manifest(folder: str | Path) -> Path:
@@ -183,7 +184,7 @@ def _first_difference(folder: Path, files: dict) -> str | None:
             st = p.stat().st_size
             if st != size:
                 return f"{rel} has {st} bytes, {size} when written"
-            if _sha256(p) != digest:
+            if file_digest(p) != digest:
                 return f"{rel} differs from its digest at write time"
         except OSError as exc:
             return f"{rel} is unreadable ({exc.strerror})"
