@@ -13,6 +13,7 @@ import xarray as xr
 from stages import config as C
 from stages import pipeline as P
 from stages import plots
+from stages.store import write_store
 from stages.synthetic import write_small_larbed_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -134,9 +135,9 @@ def test_many_disks_split_into_numbered_figures(runs, tmp_path):
         h=("disk", np.arange(n) - 7), k=("disk", np.zeros(n, int)), l=("disk", np.zeros(n, int)))
     for v in many.variables.values():
         v.encoding = {}
-    many.to_zarr(run / "fine.zarr", consolidated=False)
+    write_store(many, run / "fine.zarr")  # with its manifest, as the fine stage writes it
     roi = xr.open_zarr(src / "roi.zarr", consolidated=False, chunks=None).load()
-    xr.Dataset(attrs={"regions": roi.attrs["regions"]}).to_zarr(run / "roi.zarr", consolidated=False)
+    write_store(xr.Dataset(attrs={"regions": roi.attrs["regions"]}), run / "roi.zarr")
     disks = plots.plot_disks(run, tmp_path / "png" / "disks.png")
     profiles = plots.plot_profiles(run, tmp_path / "png" / "profiles.png")
     assert [p.name for p in disks] == ["disks-1.png", "disks-2.png"]
