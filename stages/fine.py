@@ -1275,6 +1275,26 @@ def resampling_terms(problem: FineProblem, g: dict, fit, sample_variance_used, n
     return resampling_covariance(w[used], wrates, idx[used], sample_variance_used, problem.pixel_variance_flat())
 
 
+def error_jacobian(problem: FineProblem, sol, g: dict, fit, J: np.ndarray):
+    """The Jacobian the standard errors are made from: (J_err, names, sampling, s2_used).
+
+    ``J`` is the Jacobian of the profiled weighted residuals (:func:`_jacobian`); J_err is ``J`` with the
+    sampling-geometry columns taken from the fitted model's gradient (:func:`model_geometry_columns`,
+    not the noisy pixels'), ``names`` the parameters in column order, ``sampling`` the indices of those
+    columns, ``s2_used`` the metric's variance of the used samples (None without sampling parameters).
+    A^-1 J_err^T r (A = J_err^T J_err) is the linearised estimate's error for residuals r."""
+    J = np.array(J, float)
+    names = [p.label for p in problem.sf] + problem.geometry_names
+    model_cols, s2_used = {}, None
+    if any(_is_sampling(nm) for nm in problem.geometry_names):
+        s2_used = _weight_variance(problem, sol, g)[np.isfinite(fit.model)]
+        model_cols = model_geometry_columns(problem, sol, g, fit, np.sqrt(s2_used))
+    for j, nm in enumerate(names):
+        if nm in model_cols:
+            J[:, j] = model_cols[nm]
+    return J, names, [j for j, nm in enumerate(names) if nm in model_cols], s2_used
+
+
 def _uncertainties(problem: FineProblem, values_sf, g, sol, fit, jac=None, profiled=None):
     """Standard errors, correlations, the Gauss-Newton step and how the errors were made, from the Jacobian
     J of the profiled weighted residuals r at the reported point (:func:`_jacobian`, or ``jac`` when
@@ -1323,19 +1343,10 @@ def _uncertainties(problem: FineProblem, values_sf, g, sol, fit, jac=None, profi
         reason = f"the metric {problem.gof.name} has no noise model (no pixel variance)"
     if reason:
         return np.full(n, np.nan), np.full((n, n), np.nan), step, {**info, "defined": False, "method": reason}
-    J = np.array(J, float)
-    model_cols = {}
-    if any(_is_sampling(nm) for nm in problem.geometry_names):
-        s2_used = _weight_variance(problem, sol, g)[np.isfinite(fit.model)]
-        model_cols = model_geometry_columns(problem, sol, g, fit, np.sqrt(s2_used))
-    names = [p.label for p in problem.sf] + problem.geometry_names
-    for j, nm in enumerate(names):
-        if nm in model_cols:
-            J[:, j] = model_cols[nm]
-    if model_cols:
+    J, names, samp, s2_used = error_jacobian(problem, sol, g, fit, J)
+    if samp:
         inv = np.linalg.pinv(J.T @ J)
     M, dof_eff, n_used = sample_correlation_terms(problem, sol, g, fit, J)
-    samp = [j for j, nm in enumerate(names) if nm in model_cols]
     bias = np.zeros(len(names))
     motion = {}
     if samp:
