@@ -302,14 +302,14 @@ def _print_results(plan) -> None:
         s = summarize(run_dir)
     except FileNotFoundError:
         return
-    print(f"[{run_dir.name}] {s['gof_name']} {s['gof_start']:.5g} -> {s['gof']:.5g} (reduced), "
-          f"{'converged' if s['converged'] else 'NOT converged'}; report: {run_dir / 'report' / 'report.html'}")
-    for p in s["parameters"]:
+    print(f"[{run_dir.name}] {s.gof_name} {s.gof_start:.5g} -> {s.gof:.5g} (reduced), "
+          f"{'converged' if s.converged else 'NOT converged'}; report: {run_dir / 'report' / 'report.html'}")
+    for p in s.parameters:
         iam = ""
-        if p.get("iam") is not None:
-            ch = f" ({p['change_percent']:+.2f} %)" if p.get("change_percent") is not None else " (zero in the IAM)"
-            iam = f"   IAM {p['iam']:.6g}{ch}"
-        print(f"    {p['name']:<26}{p['value']:>14.7g} ± {p['sigma']:.2g} {p['units']}{iam}")
+        if p.iam is not None:
+            ch = f" ({p.change_percent:+.2f} %)" if p.change_percent is not None else " (zero in the IAM)"
+            iam = f"   IAM {p.iam:.6g}{ch}"
+        print(f"    {p.name:<26}{p.value:>14.7g} ± {p.sigma:.2g} {p.units}{iam}")
 
 
 def continue_command(argv: list[str] | None) -> str:
@@ -525,7 +525,8 @@ def _check_fine_store(run: Path) -> None:
 def cmd_report(args) -> int:
     """Regenerate results/<run>/report/ from the stores (no refit), or compare several runs."""
     from stages.errors import QcbedInputError
-    from stages.report import compare_text, write_comparison, write_report
+    from stages.compare import compare_text, write_comparison
+    from stages.report import write_report
 
     runs = [Path(r) for r in args.runs]
     for r in runs:

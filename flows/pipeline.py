@@ -346,16 +346,15 @@ def publish_report_artifacts(run_dir) -> list[str]:
     """The run's summary as Prefect artifacts (markdown ``<run>-report``, table ``<run>-structure-factors``),
     from ``report/results.json``; visible in the Prefect UI with the flow run.  Failures are logged as a
     warning, never raised: the report files are the record, artifacts a convenience copy."""
-    import json
-
     run_dir = Path(run_dir)
     keys = []
     try:
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-        from stages.report import artifact_table, render_markdown
+        from stages.render import artifact_table, render_markdown
+        from stages.summary import read_summary
 
-        s = json.loads((run_dir / "report" / "results.json").read_text())
+        s = read_summary(run_dir)
         md = render_markdown(s) + f"\n\nFull report with figures: `{run_dir / 'report' / 'report.html'}`\n"
         k = artifact_key(run_dir.name, "report")
         create_markdown_artifact(key=k, markdown=md, description=f"qcbed report of {run_dir.name}")

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import time
+from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -220,7 +221,7 @@ def test_numbers_match_the_stores(runs):
         assert f"]({png})" in md and (rep / png).exists()
     # reproducibility block
     rp = s["reproducibility"]
-    assert rp["config_sha256"] == R._sha256_text(plan.cfg.path.read_text())
+    assert rp["config_sha256"] == R.sha256_text(plan.cfg.path.read_text())
     assert rp["scattering_table"] == iam.attrs["scattering_table"] and rp["absorption_model"] == iam.attrs["absorption_model"]
     assert {"numpy", "scipy", "xarray", "zarr", "prefect"} <= set(rp["versions"])
     assert rp["reproduce"] == f"qcbed run {plan.cfg.path} --results {run.parent}"
@@ -340,23 +341,22 @@ def test_range_end_warning():
     assert R.range_end(0.0645, 0.0644, 0.0712) == "lower" and R.range_end(0.0711, 0.0644, 0.0712) == "upper"
     assert R.range_end(0.0650, 0.0644, 0.0712) is None  # 9 % of the width from the lower end
     assert R.range_end(1.0, 1.0, 1.0) is None and R.range_end(float("nan"), 0.0, 1.0) is None
-    s = {"converged": True, "gof_name": "Chi2_LARBED", "gof": 1.0, "correlation": {"high": []}, "iterations": 3,
-         "parameters": [{"name": "U(1 1 1)", "kind": "structure_factor", "value": 0.0645, "sigma": 1e-5,
-                         "range": [0.0644, 0.0712], "at_range_end": "lower"},
-                        {"name": "thickness", "kind": "geometry", "value": 1300.0, "sigma": 0.2,
-                         "range": [900.0, 1700.0], "at_range_end": None},
-                        {"name": "gl", "kind": "geometry", "value": 20.0, "sigma": 0.001}]}  # older store: no range
-    w = R._warnings(s)
+    fit = {"converged": True, "gof_name": "Chi2_LARBED", "gof": 1.0, "iterations": 3}
+    params = [R.Parameter(name="U(1 1 1)", kind="structure_factor", units="Å^-2", value=0.0645, sigma=1e-5, start=0.068,
+                          range=(0.0644, 0.0712), at_range_end="lower"),
+              R.Parameter(name="thickness", kind="geometry", units="Å", value=1300.0, sigma=0.2, start=1300.0,
+                          range=(900.0, 1700.0), at_range_end=None),
+              R.Parameter(name="gl", kind="geometry", units="px", value=20.0, sigma=0.001, start=20.0)]  # older: no range
+    w = R.check_list(params, **fit)
     assert len(w) == 1 and w[0].startswith("U(1 1 1) = 0.0645 ended at the lower end of its search range")
     assert "range_percent" in w[0]
     # a Gauss-Newton step of 3 sigma from the reported point: the optimum is further than the errors say
-    s["parameters"][1]["gauss_newton_step"] = 0.6
-    s["parameters"][0]["gauss_newton_step"] = 1e-5  # 1 sigma: not listed
-    w = R._warnings(s)
+    params[1] = replace(params[1], gauss_newton_step=0.6)
+    params[0] = replace(params[0], gauss_newton_step=1e-5)  # 1 sigma: not listed
+    w = R.check_list(params, **fit)
     assert len(w) == 2 and "thickness 1300 → 1300.6 (3 σ)" in w[0] and "U(1 1 1)" not in w[0], w
     # a sampling parameter whose sigma moves the samples by more than the limit: named, with what to do
-    s["barely_determined"], s["barely_determined_limit_px"] = {"shift_row": 1.83}, 0.2
-    w = R._warnings(s)
+    w = R.check_list(params, **fit, barely_determined={"shift_row": 1.83}, barely_determined_limit_px=0.2)
     assert len(w) == 3 and w[0].startswith("Barely determined: shift_row (one σ moves the samples by 1.8 px)"), w
     assert "Above 0.2 px" in w[0] and "fix them" in w[0]
 
@@ -472,19 +472,19 @@ def test_acentric_and_centric_rows(tmp_path):
                       coords={"param": names, "param2": names, "kind": ("param", ["structure_factor"] * 3 + ["geometry"]),
                               "units": ("param", ["Å^-2", "deg", "Å^-2", "Å"]), "h": ("disk", [0]), "k": ("disk", [0]),
                               "l": ("disk", [0])})
-    rows = {(r["h"], r["k"], r["l"]): r for r in R.structure_factor_rows(R.RunStores(tmp_path, fine, iam, None, None))}
+    rows = {(r.h, r.k, r.l): r for r in R.structure_factor_rows(R.RunStores(tmp_path, fine, iam, None, None))}
     r = rows[(1, 1, 1)]
-    assert not r["centric"] and r["U"] == 0.03 and r["U_phase_deg"] == 40.0 and r["sigma_U_phase_deg"] == 0.5
+    assert not r.centric and r.U == 0.03 and r.U_phase_deg == 40.0 and r.sigma_U_phase_deg == 0.5
     u = 0.03 * np.exp(1j * np.radians(40.0))
     fx = np.conj(sf.xray_from_ug(np.array([u]), gaas, [[1, 1, 1]], 200.0)[0])
-    assert complex(r["F_x_re"], r["F_x_im"]) == pytest.approx(fx, rel=1e-12)
+    assert complex(r.F_x_re, r.F_x_im) == pytest.approx(fx, rel=1e-12)
     dfdu = abs(sf.xray_from_ug(np.array([1.0]), gaas, [[1, 1, 1]], 200.0)[0]
                - sf.xray_from_ug(np.array([0.0]), gaas, [[1, 1, 1]], 200.0)[0])
-    assert r["sigma_F_x"] == pytest.approx(dfdu * math.hypot(1e-4, 0.03 * math.radians(0.5)), rel=1e-12)
-    assert r["U_iam"] == pytest.approx(abs(m.potential.iam([[1, 1, 1]])[0]), rel=1e-12)
+    assert r.sigma_F_x == pytest.approx(dfdu * math.hypot(1e-4, 0.03 * math.radians(0.5)), rel=1e-12)
+    assert r.U_iam == pytest.approx(abs(m.potential.iam([[1, 1, 1]])[0]), rel=1e-12)
     c = rows[(2, 0, 0)]
-    assert c["centric"] and c["U"] == -0.02 and c["F_x_im"] == 0.0
-    assert c["Uprime_source"] == "none" and c["Uprime"] == 0.0
+    assert c.centric and c.U == -0.02 and c.F_x_im == 0.0
+    assert c.Uprime_source == "none" and c.Uprime == 0.0
 
 
 def test_old_or_damaged_fine_store_gives_one_message(runs, tmp_path, capsys):
@@ -567,8 +567,7 @@ def test_zncc_start_and_end(runs):
     for k in ("zncc_mean", "zncc_mean_start"):
         del st.fine.attrs[k]
     old = R.summarize(st)
-    assert old["fit"]["zncc_mean"] is None and all(d["zncc"] is None for d in old["fit"]["disks"])
-    old["figures"] = []
+    assert old.fit.zncc_mean is None and all(d.zncc is None for d in old.fit.disks)
     page = R.render_html(old, {})
     cells = _Cells()
     cells.feed(page)
@@ -580,10 +579,22 @@ def test_undefined_sigma_is_one_warning_with_the_reason():
     """A metric without a noise scale (XCorrelation): one check-list line with the reason, not one per parameter,
     and no Gauss-Newton comparison against a missing sigma."""
     reason = "1 - r is not a chi^2: its curvature carries no noise scale"
-    s = {"converged": True, "gof_name": "XCorrelation", "gof": 0.01, "correlation": {"high": []}, "iterations": 3,
-         "sigma_defined": False, "sigma_definition": reason,
-         "parameters": [{"name": "U(1 1 1)", "kind": "structure_factor", "value": 0.0645, "sigma": None,
-                         "gauss_newton_step": 1e-4},
-                        {"name": "thickness", "kind": "geometry", "value": 1300.0, "sigma": None}]}
-    w = R._warnings(s)
+    params = [R.Parameter(name="U(1 1 1)", kind="structure_factor", units="Å^-2", value=0.0645, sigma=None,
+                          start=0.068, gauss_newton_step=1e-4),
+              R.Parameter(name="thickness", kind="geometry", units="Å", value=1300.0, sigma=None, start=1300.0)]
+    w = R.check_list(params, converged=True, gof_name="XCorrelation", gof=0.01, iterations=3, sigma_defined=False,
+                     sigma_definition=reason)
     assert w == [f"Standard errors are undefined: {reason}."], w
+
+
+def test_results_json_is_the_typed_summary(runs):
+    """results.json is RunSummary.to_json() of the run's stores: read back (RunSummary.from_dict) it gives the
+    same records and the same text byte for byte; the records' field order is the files' column order."""
+    run = runs[0].run_dir
+    text = (run / "report" / "results.json").read_text()
+    back = R.read_summary(run)
+    assert back.to_json() == text
+    assert isinstance(back.parameters[0], R.Parameter) and isinstance(back.structure_factors[0], R.StructureFactorRow)
+    assert back.figures and replace(R.summarize(run), figures=back.figures) == back
+    assert tuple(json.loads(text)["structure_factors"][0]) == R.SF_COLUMNS
+    assert back.structure_factors[0].U == json.loads(text)["structure_factors"][0]["U"]
