@@ -60,6 +60,7 @@ from . import __version__
 from . import config as C
 from .errors import QcbedInputError
 from .interrupt import check_stop
+from .keys import canonical, dependency_versions, report_stage_key, stage_key
 from .store import CorruptStore, file_digest, open_store, replace_dir, set_aside, verify_store, write_store, writing
 
 STAGES = ("load", "roi", "iam", "variance", "coarse", "fine", "report")
@@ -78,28 +79,6 @@ def _say(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------ keys
-def canonical(obj) -> str:
-    """Canonical JSON (sorted keys, no spaces) of plain data; numpy values become Python ones."""
-    def plain(v):
-        if isinstance(v, dict):
-            return {str(k): plain(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, np.ndarray):
-            return plain(v.tolist())
-        if isinstance(v, np.generic):
-            return v.item()
-        if isinstance(v, Path):
-            return str(v)
-        return v
-    return json.dumps(plain(obj), sort_keys=True, separators=(",", ":"))
-
-
-def stage_key(stage: str, parts: dict) -> str:
-    """sha256 of the stage name, the package version and ``parts`` (config sections, input keys)."""
-    return hashlib.sha256(canonical({"stage": stage, "qcbed_version": __version__, **parts}).encode()).hexdigest()
-
-
 def input_files(cfg: C.RunConfig) -> dict[str, list[Path]]:
     """Every file the run reads, by config field (relative paths resolved against the config's folder)."""
     base = cfg.base_dir
@@ -289,13 +268,6 @@ def _key_parts(cfg: C.RunConfig, d: dict, stage: str, keys: dict) -> dict:
     return {"config": stage_config(cfg.data, stage), "files": files, "upstream": {u: keys[u] for u in upstream(cfg, stage)}}
 
 
-def report_stage_key(fine: str, iam: str | None, coarse: str | None = None) -> str:
-    """The report's key: of the stores it reads only (it reads no config field), so that
-    :func:`stages.report.report_key` finds it again from a run folder's stores alone."""
-    return stage_key("report", {"config": {}, "files": {},
-                                "upstream": {"fine": fine, "iam": iam, **({"coarse": coarse} if coarse else {})}})
-
-
 def make_plan(cfg: C.RunConfig, results_dir, run_dir=None) -> Plan:
     """Every enabled stage's key, from the fields it reads (:data:`READS`), the digests of its files and
     its upstream keys; computed before anything runs."""
@@ -440,18 +412,6 @@ def is_locked(run_dir: Path) -> str | None:
 
 
 # ------------------------------------------------------------------------------ run record
-def dependency_versions() -> dict:
-    from importlib import metadata
-
-    out = {"python": sys.version.split()[0]}
-    for name in ("numpy", "scipy", "xarray", "zarr", "dask", "distributed", "prefect", "gemmi"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def write_run_record(plan: Plan, command: list[str] | None = None, extra: dict | None = None) -> Path:
     """``<run>/run.json``: the config (text, path, parsed), input digests, stage keys, versions, command."""
     cfg = plan.cfg

@@ -35,6 +35,7 @@ from . import __version__
 from . import summary as _summary
 from .compare import (DISAGREE_P, compare_csv, compare_runs, compare_text, consistency, default_compare_dir,
                       render_compare_html, render_compare_markdown, write_comparison)
+from .keys import dependency_versions, report_stage_key
 from .render import (REPORT_FILES, SF_NOTES, Cell, artifact_table, correlation_csv, render_html,
                      render_markdown, sections, sf_notes, structure_factors_csv)
 from .store import MANIFEST_ATTR, MANIFEST_FORMAT, replace_dir, write_error, write_manifest, writing
@@ -61,8 +62,6 @@ __all__ = [
 
 def _versions_now() -> dict:
     """The dependency versions of this process (for a run folder without run.json)."""
-    from .pipeline import dependency_versions
-
     return dependency_versions()
 
 
@@ -73,9 +72,7 @@ def summarize(run_dir) -> RunSummary:
 
 
 def report_key(run_dir) -> str:
-    """The report stage key of a run folder, from the keys of its stores (as :func:`stages.pipeline.make_plan`)."""
-    from .pipeline import report_stage_key
-
+    """The report stage key of a run folder, from the keys of its stores (as :func:`stages.pipeline.make_plan`; :func:`stages.keys.report_stage_key`)."""
     st = load_stores(run_dir)
     return report_stage_key(st.fine.attrs.get("stage_key"), None if st.iam is None else st.iam.attrs.get("stage_key"),
                             None if st.coarse is None else st.coarse.attrs.get("stage_key"))

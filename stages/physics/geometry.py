@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import QcbedInputError
 from . import constants as C
 from .crystal import Crystal
+from .lattice import lattice_points
 
 
 def _int_triple(v, field_name: str) -> tuple[int, int, int]:
@@ -49,8 +50,6 @@ def default_x_axis(crystal: Crystal, zone) -> tuple[int, int, int]:
     Ties are broken by preferring positive leading indices, then index order, so the choice is
     deterministic.
     """
-    from .beams import lattice_points
-
     z = np.asarray(zone, int)
     g_short = float(np.max(crystal.reciprocal_lengths)) * 4.0 + 1e-9
     pts = lattice_points(crystal, g_short, z)[1:]
