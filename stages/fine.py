@@ -1275,6 +1275,38 @@ def resampling_terms(problem: FineProblem, g: dict, fit, sample_variance_used, n
     return resampling_covariance(w[used], wrates, idx[used], sample_variance_used, problem.pixel_variance_flat())
 
 
+#: the fitted PSF "sits on" the padding's limit when its radius 4 sigma + 8 gamma is within this many of its own
+#: standard errors of the limit (or within 1 % of it): the truth may lie beyond what the padding lets the search try
+PSF_LIMIT_SIGMAS = 2.0
+
+
+def psf_limit(problem: FineProblem, g: dict, sigma: dict, corr: dict) -> dict | None:
+    """Where the refined PSF lies against the padding's limit (None when the PSF is not refined).
+
+    Returns {"radius": R = 4 sigma + 8 gamma of the fit, "limit": the inner search's largest R
+    (:func:`psf_padding_limits`), "sigma_radius": R's standard error (from psf_sigma's and psf_gamma's errors and
+    their correlation ``corr``; NaN when undefined), "at_limit": R within :data:`PSF_LIMIT_SIGMAS` of its errors
+    (or 1 %) of the limit, "padding": roi.padding, "padding_needed": the padding that holds R + 3 of its errors
+    (at least one tilt step more) with the difference steps' margin}, all in tilt steps."""
+    if "psf" not in problem.refine_geometry:
+        return None
+    r = voigt_radius(max(g["psf_sigma"], 1e-3), max(g["psf_gamma"], 0.0))
+    ss, sg = float(sigma.get("psf_sigma", np.nan)), float(sigma.get("psf_gamma", np.nan))
+    rho = float(corr.get(("psf_sigma", "psf_gamma"), 0.0))
+    var = (PSF_RADIUS_SIGMA * ss) ** 2 + (PSF_RADIUS_GAMMA * sg) ** 2 + 2 * PSF_RADIUS_SIGMA * PSF_RADIUS_GAMMA * rho * ss * sg
+    sr = float(np.sqrt(var)) if np.isfinite(var) and var >= 0 else float("nan")
+    limit = float(problem.psf_search_radius)
+    room = max(PSF_LIMIT_SIGMAS * sr, 0.01 * limit) if np.isfinite(sr) else 0.01 * limit
+    fd_margin = problem.psf_radius_max - limit  # what the Jacobian's difference steps keep free
+    need = r + max(3.0 * sr if np.isfinite(sr) else 0.0, 1.0) + fd_margin
+    pad = problem.padding
+    steps = [st for *_, st in problem.grids]
+    while min(voigt_max_radius(a, pad) for a in steps) < need and pad < problem.padding + 64:
+        pad += 1
+    return {"radius": float(r), "limit": limit, "sigma_radius": sr if np.isfinite(sr) else None, "at_limit": bool(r >= limit - room),
+            "padding": int(problem.padding), "padding_needed": int(pad)}
+
+
 def error_jacobian(problem: FineProblem, sol, g: dict, fit, J: np.ndarray):
     """The Jacobian the standard errors are made from: (J_err, names, sampling, s2_used).
 
@@ -1321,7 +1353,7 @@ def _uncertainties(problem: FineProblem, values_sf, g, sol, fit, jac=None, profi
     errors and correlations with that reason, and so does a metric without a pixel variance (no noise
     model to scale them).  Returns (sigma, correlation, step, info); info:
     method (or the reason the errors are undefined), dof_effective, chi2_effective (χ²/ν_eff), resampling_bias,
-    barely_determined ({name: sample displacement of one sigma, px}).
+    barely_determined ({name: sample displacement of one sigma, px}), psf_limit (:func:`psf_limit`).
     """
     J, r = _jacobian(problem, values_sf, g, sol, fit) if jac is None else jac
     n = J.shape[1]
@@ -1342,7 +1374,8 @@ def _uncertainties(problem: FineProblem, values_sf, g, sol, fit, jac=None, profi
     if reason is None and problem.pixel_variance_flat() is None:
         reason = f"the metric {problem.gof.name} has no noise model (no pixel variance)"
     if reason:
-        return np.full(n, np.nan), np.full((n, n), np.nan), step, {**info, "defined": False, "method": reason}
+        return np.full(n, np.nan), np.full((n, n), np.nan), step, {**info, "defined": False, "method": reason,
+                                                                   "psf_limit": psf_limit(problem, g, {}, {})}
     J, names, samp, s2_used = error_jacobian(problem, sol, g, fit, J)
     if samp:
         inv = np.linalg.pinv(J.T @ J)
@@ -1362,8 +1395,10 @@ def _uncertainties(problem: FineProblem, values_sf, g, sol, fit, jac=None, profi
     sig = np.sqrt(np.clip(np.diag(cov), 0, None))
     with np.errstate(invalid="ignore", divide="ignore"):
         corr = cov / np.outer(sig, sig)
+    sig_of = dict(zip(names, sig))
+    corr_of = {(a, b): float(corr[i, j]) for i, a in enumerate(names) for j, b in enumerate(names)}
     info.update(dof_effective=float(dof_eff), chi2_effective=chi2_eff, resampling_bias=bias.tolist(),
-                barely_determined=barely_determined(dict(zip(names, sig)), motion))
+                barely_determined=barely_determined(sig_of, motion), psf_limit=psf_limit(problem, g, sig_of, corr_of))
     return sig, corr, step, info
 
 

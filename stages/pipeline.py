@@ -1160,6 +1160,7 @@ def fine_dataset(problem, res, trace: dict | None, resumed_from=None) -> xr.Data
         "chi2_effective": _float_or_nan(res.sigma_info.get("chi2_effective")),
         "barely_determined": json.dumps(res.sigma_info.get("barely_determined") or {}),
         "barely_determined_limit_px": float(SAMPLING_SIGMA_LIMIT_PX),
+        "psf_limit": json.dumps(res.sigma_info.get("psf_limit")),
         "geometry": json.dumps(geo), "pattern_geometry": json.dumps(problem._pg(res.geometry).as_dict()),
         "counters": json.dumps(res.counters), "resumed_from_iteration": -1 if resumed_from is None else int(resumed_from),
         "disks": json.dumps(problem.disks.tolist()),

@@ -388,7 +388,9 @@ class RunSummary(Record):
     iterations (``resumed_from_iteration``: where a resumed run continued).  ``sigma_definition``: how
     the standard errors were made (``sigma_defined`` False: why they are undefined);
     ``barely_determined``: {parameter: samples moved by one σ (px)} above
-    ``barely_determined_limit_px``.  Passed through from the stores: ``geometry`` {name: value},
+    ``barely_determined_limit_px``; ``psf_limit``: the refined PSF's radius against what roi.padding lets the
+    search try (:func:`stages.fine.psf_limit`; None: PSF not refined).  Passed through from the stores:
+    ``geometry`` {name: value},
     ``pattern_geometry`` (:meth:`stages.physics.pattern_geometry.PatternGeometry.to_mapping`),
     ``counters`` (the fine stage's counts and times in s), ``beams`` and ``beam_probe`` (the beam
     selection).  ``warnings``: the check list (:func:`check_list`); ``figures``: the report's PNG files.
@@ -417,6 +419,7 @@ class RunSummary(Record):
     chi2_effective: float | None
     barely_determined: Mapping[str, float]
     barely_determined_limit_px: float | None
+    psf_limit: Mapping[str, Any] | None
     fit: FitStatistics
     geometry: Mapping[str, float]
     geometry_table: tuple[GeometryRow, ...]
@@ -815,6 +818,7 @@ def summarize(run_dir, versions_now: Callable[[], dict] | None = None) -> RunSum
         dof_effective=_num(a.get("dof_effective")), chi2_effective=_num(a.get("chi2_effective")),
         barely_determined=_attr_json(a, "barely_determined"),
         barely_determined_limit_px=_num(a.get("barely_determined_limit_px")),
+        psf_limit=_attr_json(a, "psf_limit", "null"),
         fit=fit_statistics(fine),
         geometry=json.loads(a["geometry"]), geometry_table=tuple(geometry_table(fine)), pattern_geometry=pg,
         counters=json.loads(a["counters"]), beams=_attr_json(a, "beams"), beam_probe=_attr_json(a, "beam_probe"),
@@ -826,7 +830,7 @@ def summarize(run_dir, versions_now: Callable[[], dict] | None = None) -> RunSum
         s.parameters, converged=s.converged, iterations=s.iterations, gof_name=s.gof_name, gof=s.gof,
         high_correlations=s.correlation.high, sigma_defined=s.sigma_defined, sigma_definition=s.sigma_definition,
         barely_determined=s.barely_determined, barely_determined_limit_px=s.barely_determined_limit_px,
-        beam_probe=s.beam_probe, coarse=s.coarse)))
+        psf_limit=s.psf_limit, beam_probe=s.beam_probe, coarse=s.coarse)))
 
 
 # ============================================================================ the check list
@@ -846,11 +850,12 @@ def range_end(value: float, lo: float, hi: float, fraction: float = RANGE_END_FR
 def check_list(parameters: Sequence[Parameter], *, converged: bool, iterations: int, gof_name: str, gof: float,
                high_correlations: Sequence[CorrelationPair] = (), sigma_defined: bool = True,
                sigma_definition: str | None = None, barely_determined: Mapping[str, float] | None = None,
-               barely_determined_limit_px: float | None = None, beam_probe: Mapping[str, Any] | None = None,
+               barely_determined_limit_px: float | None = None, psf_limit: Mapping[str, Any] | None = None,
+               beam_probe: Mapping[str, Any] | None = None,
                coarse: CoarseSummary | None = None) -> list[str]:
     """The report's "Check" list: one sentence per thing a reader must know before trusting the numbers
     (beam sets short of their accuracy, no convergence, a poor fit, strong correlations, missing or
-    undefined errors, barely determined sampling parameters, an optimum beyond the errors or at the end
+    undefined errors, barely determined sampling parameters, a PSF at the padding's limit, an optimum beyond the errors or at the end
     of a search range, a coarse search at its edge), each with what to do."""
     w = []
     pr = beam_probe or {}
@@ -881,6 +886,12 @@ def check_list(parameters: Sequence[Parameter], *, converged: bool, iterations: 
                    "the linearised errors of these and of the parameters correlated with them too large (bench/"
                    "coverage.py, systematic row: the shift across the row scattered by 0.45 σ); fix them, or add "
                    "disks or tilts that constrain them.")
+    if psf_limit and psf_limit.get("at_limit"):
+        w.append(f"The PSF sits on the limit roi.padding sets: its radius 4σ + 8γ = {psf_limit['radius']:.3g} tilt "
+                 f"steps, the most that roi.padding = {psf_limit['padding']} lets the search try is "
+                 f"{psf_limit['limit']:.3g}; the true PSF may be wider, and the PSF widths, the thickness and the "
+                 f"structure factors correlated with them biased: set roi.padding to {psf_limit['padding_needed']} "
+                 "and run again.")
     far = [p for p in parameters if p.gauss_newton_step is not None and (p.sigma or 0) > 0
            and abs(p.gauss_newton_step) > GAUSS_NEWTON_SIGMAS * p.sigma]
     if far:

@@ -421,3 +421,33 @@ def test_psf_padding_too_small_is_refused_and_bounds_the_search(si, psf_pattern)
     assert 4 * clipped["psf_sigma"] + 8 * clipped["psf_gamma"] == pytest.approx(6.76)
     with pytest.raises(QcbedInputError, match="roi.padding"):
         prob._psf(np.zeros((len(DISKS), prob.roi.sizes["point"])), {"psf_sigma": 2.0, "psf_gamma": 0.0})
+
+
+def test_psf_at_the_padding_limit_is_flagged(si, psf_pattern):
+    """A refined PSF whose radius 4 sigma + 8 gamma reaches the limit that roi.padding sets for the search (padding 6:
+    6.76 tilt steps) is flagged, with the padding that holds it and 3 of its errors more (at least one step), and the
+    report's check list says so; one inside the limit by more than 2 of its errors is not."""
+    from stages.fine import psf_limit
+    from stages.summary import check_list
+
+    prob = _psf_problem(si, psf_pattern, 6, psf0=PSF_TRUE)
+    sig, corr = {"psf_sigma": 0.02, "psf_gamma": 0.01}, {("psf_sigma", "psf_gamma"): -0.9}
+    sr = np.sqrt((4 * 0.02) ** 2 + (8 * 0.01) ** 2 - 2 * 4 * 8 * 0.9 * 0.02 * 0.01)  # 0.0358 steps
+    at = psf_limit(prob, prob.clip_psf({"psf_sigma": 1.6, "psf_gamma": 0.1}), sig, corr)
+    assert at["at_limit"] and at["radius"] == pytest.approx(6.76) and at["limit"] == pytest.approx(6.76)
+    assert at["sigma_radius"] == pytest.approx(sr) and at["padding"] == 6
+    # 6.76 + 1 step + the difference steps' 0.24 = 8.0 steps: padding 7 holds 8.0
+    assert at["padding_needed"] == 7
+    assert _psf_problem(si, psf_pattern, 7, psf0=PSF_TRUE).psf_search_radius >= at["radius"] + 1.0 - 1e-12
+    # R = 5.6, 6.65 (0.11 = 3.1 errors below the limit), 6.72 (0.04 = 1.1 errors below it)
+    for gamma, flagged in ((0.2, False), (0.33125, False), (0.34, True)):
+        assert psf_limit(prob, {"psf_sigma": 1.0, "psf_gamma": gamma}, sig, corr)["at_limit"] is flagged, gamma
+    undefined = psf_limit(prob, prob.clip_psf({"psf_sigma": 1.6, "psf_gamma": 0.1}), {}, {})
+    assert undefined["at_limit"] and undefined["sigma_radius"] is None  # within 1 % of the limit
+    text = " ".join(check_list([], converged=True, iterations=3, gof_name="Chi2_LARBED", gof=1.0, psf_limit=at))
+    assert "The PSF sits on the limit roi.padding sets" in text and "set roi.padding to 7" in text
+    assert not any("PSF" in w for w in check_list([], converged=True, iterations=3, gof_name="Chi2_LARBED", gof=1.0,
+                                                    psf_limit=psf_limit(prob, {"psf_sigma": 1.0, "psf_gamma": 0.2}, sig, corr)))
+    fine_psf = _psf_problem(si, psf_pattern, 6, psf0=PSF_TRUE)
+    fine_psf.refine_geometry = ("thickness", "shift")
+    assert psf_limit(fine_psf, {"psf_sigma": 1.0, "psf_gamma": 0.2}, sig, corr) is None  # PSF not refined
