@@ -554,6 +554,21 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _watched_runs(watch: Path, results) -> list[Path]:
+    """The run folders of the valid configs in a watched folder (for the line after a stop)."""
+    from stages import pipeline as P
+    from stages.config import load_config
+    from stages.errors import QcbedInputError, QcbedInputErrors
+
+    runs = []
+    for f in sorted(watch.glob("*.toml")):
+        try:
+            runs.append(P.make_plan(load_config(f), results).run_dir)
+        except (QcbedInputError, QcbedInputErrors, OSError):
+            continue
+    return runs
+
+
 def cmd_serve(args) -> int:
     from stages.errors import QcbedInputError
 
@@ -565,7 +580,19 @@ def cmd_serve(args) -> int:
     params = {"config_dir": str(watch.resolve()), "results_dir": str(Path(args.results).resolve()),
               "dask_address": args.dask_address, "n_workers": args.workers}
     if args.once:
-        out = facility_batch(**params)
+        from stages.interrupt import EXIT_CODE, Interrupted, stop_on_signals, stop_requested, stop_signal
+
+        with stop_on_signals():
+            try:
+                out = facility_batch(**params)
+            except Interrupted as exc:
+                print(interrupted_line(exc.signame, _watched_runs(watch, args.results), getattr(args, "argv", None)),
+                      file=sys.stderr, flush=True)
+                return EXIT_CODE
+            if stop_requested():
+                print(interrupted_line(stop_signal(), _watched_runs(watch, args.results), getattr(args, "argv", None)),
+                      file=sys.stderr, flush=True)
+                return EXIT_CODE
         return 1 if out["invalid"] or any("error" in v for v in out["results"].values()) else 0
     if not os.environ.get("PREFECT_API_URL"):
         raise QcbedInputError("PREFECT_API_URL", "not set: schedules need a Prefect server (a temporary one cannot schedule)",

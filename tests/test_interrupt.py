@@ -219,3 +219,33 @@ def test_ctrl_c_stops_a_batch_and_its_dask_cluster(killme, tmp_path):
     for name, c in (("killme", a), ("other", b)):
         assert P.store_state(P.make_plan(C.load_config(c), results), "fine") != "done"
         assert int(zarr.open_group(str(results / name / P.TRACE), mode="r").attrs["n_committed"]) >= 1
+
+
+@pytest.mark.slow
+def test_sigterm_stops_serve_once_batch(killme, tmp_path):
+    """`qcbed serve --once` over a folder of two configs (a facility batch on the local dask cluster), SIGTERM to
+    the process alone (what a scheduler or systemd sends): exit 130 within 15 s with the line saying how to
+    continue, nothing of the group left, neither fine done, their checkpoints kept."""
+    cfg, _ = killme
+    folder = tmp_path / "watch"
+    folder.mkdir()
+    for f in cfg.parent.iterdir():
+        if f.is_file():
+            shutil.copy(f, folder / f.name)
+    shutil.copy(folder / "killme.toml", folder / "other.toml")
+    results = tmp_path / "results"
+    proc = _start([sys.executable, "-m", "flows.cli", "serve", "--watch", str(folder), "--once",
+                   "--results", str(results), "--workers", "2"])
+    got = _wait_checkpoints(proc, [results / "killme" / P.TRACE, results / "other" / P.TRACE], n=1)
+    assert proc.poll() is None, (got, proc.communicate()[0])
+    rc, dt, out = _stop(proc, signal.SIGTERM, False)
+    print(f"serve --once SIGTERM: exit {rc} {dt:.1f} s after the signal")
+    assert rc == 130 and dt < 15, (rc, dt, out)
+    line = [m for m in out.splitlines() if m.startswith("qcbed: stopped by SIGTERM")]
+    assert len(line) == 1 and "killme: fine not finished" in line[0] and "serve --watch" in line[0], out
+    assert "Traceback" not in out, out
+    time.sleep(1.0)
+    assert not _group_alive(proc.pid), _group_alive(proc.pid)
+    for name in ("killme", "other"):
+        assert P.store_state(P.make_plan(C.load_config(folder / f"{name}.toml"), results), "fine") != "done"
+        assert int(zarr.open_group(str(results / name / P.TRACE), mode="r").attrs["n_committed"]) >= 1
